@@ -1,0 +1,1 @@
+"""A paged-KV PyTorch engine for Llama-family models."""

@@ -1,0 +1,29 @@
+"""One exception hierarchy for pdmesh; the rpc layer maps each class to a gRPC status code."""
+
+
+class PdmeshError(Exception):
+    """Base class of every error pdmesh raises on purpose."""
+
+
+class CheckpointError(PdmeshError):
+    """A model file is missing, corrupt or of an unsupported kind."""
+
+
+class InvalidRequestError(PdmeshError):
+    """A request breaks a cap or carries a bad field (gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+class ResourceExhaustedError(PdmeshError):
+    """No room now: queue, budget or KV blocks (gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineError(PdmeshError):
+    """The engine failed while running a request (gRPC INTERNAL)."""
