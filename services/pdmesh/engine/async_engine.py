@@ -1,0 +1,115 @@
+"""Runs an LLMEngine on its own thread and streams its outputs to asyncio callers.
+
+This is the interface a worker service calls. It is kept small on purpose so that another
+engine (vLLM's AsyncLLM) can sit behind the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+import torch
+
+from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.sequence import EngineOutput, EngineRequest
+from pdmesh.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- the small interface -----------------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Yield the request's outputs as they come; leaving early (cancel, break) aborts it."""
+        queue = self._open(request)
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    async def prefill(self, request: EngineRequest) -> tuple[EngineOutput, torch.Tensor | None]:
+        """Prefill only: the first token, and the prompt's KV held until release_held().
+
+        The KV is None when the first token already ends the request (EOS, max_tokens 1).
+        """
+        request.prefill_only = True
+        output = None
+        async for output in self.generate(request):
+            pass
+        if output is None or output.finish_reason == "error":
+            raise EngineError(output.error if output else "prefill produced nothing")
+        if output.finish_reason != "prefilled":
+            return output, None
+        return output, self.engine.export_kv(request.request_id)
+
+    def release_held(self, request_id: str) -> bool:
+        return self.engine.release_held(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def reserve(self, request_id: str, num_tokens: int) -> None:
+        self.engine.reserve(request_id, num_tokens)
+
+    def release_reservation(self, request_id: str) -> bool:
+        return self.engine.release_reservation(request_id)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _open(self, request: EngineRequest) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if request.request_id in self._streams:
+            raise EngineError(f"request id {request.request_id!r} is already streaming")
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(request)
+        except BaseException:
+            self._streams.pop(request.request_id, None)
+            raise
+        self._wake.set()
+        return queue
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # the engine catches batch errors; this is a bug, keep serving
+                log.exception("engine step failed")
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _deliver(self, output: EngineOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, output)

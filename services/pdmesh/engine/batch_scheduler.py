@@ -1,0 +1,122 @@
+"""Decides which sequences run in the next step, and owns their KV blocks.
+
+Blocks for prompt + max_tokens are reserved when a sequence is admitted (or earlier, by a
+decode worker before it asks for a prefill), so a running sequence never runs out of KV and
+nothing is ever preempted. A sequence that does not fit waits, in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdmesh.engine.block_pool import BlockPool
+from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.sequence import Sequence, SequenceStatus
+from pdmesh.errors import EngineError, InvalidRequestError
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    prefill: list[Sequence] = field(default_factory=list)  # prompts to compute this step
+    imported: list[Sequence] = field(default_factory=list)  # KV computed elsewhere, to write in
+    decode: list[Sequence] = field(default_factory=list)  # running sequences, one token each
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.imported or self.decode)
+
+
+class BatchScheduler:
+    def __init__(self, pool: BlockPool, config: EngineConfig, max_model_len: int):
+        self.pool = pool
+        self.config = config
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}  # prefill-only sequences awaiting export
+        self.reservations: dict[str, list[int]] = {}  # request id -> blocks reserved ahead
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def reserve(self, request_id: str, num_tokens: int) -> None:
+        """Reserve blocks for a request that will arrive later under the same id."""
+        if request_id in self.reservations:
+            raise EngineError(f"request {request_id!r} already holds a reservation")
+        self.check_fits(num_tokens)
+        self.reservations[request_id] = self.pool.reserve(num_tokens)
+
+    def release_reservation(self, request_id: str) -> bool:
+        block_ids = self.reservations.pop(request_id, None)
+        if block_ids is not None:
+            self.pool.release(block_ids)
+        return block_ids is not None
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Refuse a request that could never be admitted, whatever else is running."""
+        if num_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt + max_tokens is {num_tokens:,} tokens; max-model-len is {self.max_model_len:,}")
+        need = self.pool.blocks_for_tokens(num_tokens)
+        if need > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"request needs {need:,} KV blocks; the whole cache has {self.pool.num_blocks:,}")
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(decode=list(self.running))
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and len(self.running) + len(step.prefill) + len(step.imported) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            computes = seq.request.kv is None
+            if computes and step.prefill and seq.num_prompt_tokens > budget:
+                break  # a long prompt runs in a step of its own
+            if not self._take_blocks(seq):
+                break
+            self.waiting.popleft()
+            if computes:
+                step.prefill.append(seq)
+                budget -= seq.num_prompt_tokens
+            else:
+                step.imported.append(seq)
+        return step
+
+    def _take_blocks(self, seq: Sequence) -> bool:
+        reserved = self.reservations.pop(seq.request_id, None)
+        if reserved is not None:
+            if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens):
+                self.pool.release(reserved)
+                raise EngineError(f"request {seq.request_id!r}: its reservation is too small")
+            seq.block_ids = reserved
+            return True
+        if not self.pool.can_reserve(seq.num_reserved_tokens):
+            return False
+        seq.block_ids = self.pool.reserve(seq.num_reserved_tokens)
+        return True
+
+    def start_running(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def hold(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.HELD
+        self.held[seq.request_id] = seq
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence from every queue and free its blocks (exactly once)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.HELD:
+            del self.held[seq.request_id]
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.block_ids:
+            self.pool.release(seq.block_ids)
+            seq.block_ids = []

@@ -1,0 +1,208 @@
+"""The synchronous engine: requests in, one step at a time, new tokens out.
+
+Callers on other threads may add, abort, reserve and export at any moment; every change to the
+queues and the block pool happens under one lock, and the forward pass runs outside it. Aborts
+are applied at the next step boundary, so a forward pass never writes into blocks already given
+to another sequence.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from pdmesh.engine.attention import AttentionBatch
+from pdmesh.engine.batch_scheduler import BatchScheduler, ScheduledStep
+from pdmesh.engine.block_pool import BlockPool
+from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.kv_cache import KVCache, KVLayout
+from pdmesh.engine.model import AllReduce, LlamaModel
+from pdmesh.engine.model_config import ModelConfig
+from pdmesh.engine.sampler import sample
+from pdmesh.engine.sequence import EngineOutput, EngineRequest, Sequence, SequenceStatus
+from pdmesh.errors import EngineError, InvalidRequestError
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 config: EngineConfig = EngineConfig(), all_reduce: AllReduce | None = None,
+                 kv_head_ids: tuple[int, ...] | None = None):
+        self.model_config = model_config
+        self.config = config
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        dtype = getattr(torch, config.dtype)
+        weights = {name: w.to(dtype) for name, w in weights.items()}
+        self.model = LlamaModel(model_config, weights, self.max_model_len, all_reduce)
+        self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
+                               config.dtype, kv_head_ids or tuple(range(model_config.num_kv_heads)))
+        num_blocks = max(1, int(config.kv_cache_gib * 2**30) // KVCache.bytes_per_block(self.layout, config.block_size))
+        self.cache = KVCache(self.layout, num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.scheduler = BatchScheduler(self.pool, config, self.max_model_len)
+        self.lock = threading.RLock()
+        self._sequences: dict[str, Sequence] = {}
+        self._aborts: set[str] = set()
+        self.num_steps = 0
+        self.last_step_s = 0.0
+
+    # -- calls from any thread -------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.scheduler.num_unfinished or self._aborts)
+
+    def load(self) -> tuple[int, int]:
+        """(running sequences, waiting sequences)."""
+        with self.lock:
+            return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def validate(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Raise InvalidRequestError if this request could never run here."""
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids):,} tokens; max-model-len is {self.max_model_len:,}", "prompt")
+        self.scheduler.check_fits(len(prompt_ids) + max_tokens)
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.validate(request.prompt_ids, request.params.max_tokens)
+        stop_ids = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stop_ids.update(self.model_config.eos_token_ids)
+        seq = Sequence(request, frozenset(stop_ids))
+        with self.lock:
+            if request.request_id in self._sequences:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already running", "request_id")
+            self._sequences[request.request_id] = seq
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed at the next step boundary."""
+        with self.lock:
+            if request_id in self._sequences:
+                self._aborts.add(request_id)
+
+    def reserve(self, request_id: str, num_tokens: int) -> None:
+        with self.lock:
+            self.scheduler.reserve(request_id, num_tokens)
+
+    def release_reservation(self, request_id: str) -> bool:
+        with self.lock:
+            return self.scheduler.release_reservation(request_id)
+
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """KV of a held (prefill-only) sequence's prompt: [layers, 2, tokens, local kv heads, D]."""
+        with self.lock:
+            seq = self.scheduler.held.get(request_id)
+            if seq is None:
+                raise EngineError(f"request {request_id!r} holds no prefilled KV")
+            return self.cache.export(seq.block_ids, seq.num_prompt_tokens)
+
+    def release_held(self, request_id: str) -> bool:
+        with self.lock:
+            seq = self.scheduler.held.get(request_id)
+            if seq is not None:
+                self._retire(seq)
+            return seq is not None
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
+        """Run one batch; returns the new tokens of every sequence that ran or ended."""
+        with self.lock:
+            outputs = self._apply_aborts()
+            step = self.scheduler.schedule()
+            outputs += self._import(step)
+        if not (step.prefill or step.decode):
+            return outputs
+        start = time.perf_counter()
+        try:
+            tokens = self._run(step)
+        except Exception as exc:  # one bad batch fails its sequences, not the engine
+            with self.lock:
+                return outputs + [self._fail(seq, exc) for seq in step.prefill + step.decode]
+        self.last_step_s = time.perf_counter() - start
+        self.num_steps += 1
+        with self.lock:
+            for seq, token in zip(step.prefill + step.decode, tokens):
+                if not seq.aborted:
+                    outputs.append(self._append(seq, token))
+        return outputs
+
+    def _apply_aborts(self) -> list[EngineOutput]:
+        outputs = []
+        for request_id in self._aborts:
+            seq = self._sequences.get(request_id)
+            if seq is not None:
+                seq.aborted = True
+                self._retire(seq)
+                outputs.append(EngineOutput(request_id, [], "abort", num_prompt_tokens=seq.num_prompt_tokens))
+        self._aborts.clear()
+        return outputs
+
+    def _import(self, step: ScheduledStep) -> list[EngineOutput]:
+        outputs = []
+        for seq in step.imported:
+            try:
+                self.cache.import_(seq.block_ids, seq.request.kv)
+            except EngineError as exc:
+                outputs.append(self._fail(seq, exc))
+                continue
+            seq.request.kv = None  # the cache has it now; drop the transfer buffer
+            outputs.append(self._append(seq, seq.request.first_token))
+        return outputs
+
+    def _run(self, step: ScheduledStep) -> list[int]:
+        ids, positions, rows = [], [], []
+        for seq in step.prefill:
+            ids += seq.request.prompt_ids
+            positions += range(seq.num_prompt_tokens)
+            rows.append(len(ids) - 1)
+        for seq in step.decode:
+            ids.append(seq.output_ids[-1])
+            positions.append(seq.num_tokens - 1)
+            rows.append(len(ids) - 1)
+        batch = AttentionBatch.build(self.cache, [(s.block_ids, s.num_prompt_tokens) for s in step.prefill],
+                                     [(s.block_ids, s.num_tokens) for s in step.decode])
+        logits = self.model.forward(torch.tensor(ids), torch.tensor(positions), batch, self.cache,
+                                    torch.tensor(rows))
+        seqs = step.prefill + step.decode
+        return sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+
+    def _append(self, seq: Sequence, token: int) -> EngineOutput:
+        seq.output_ids.append(token)
+        reason = seq.finish_reason_after(token, self.max_model_len)
+        if reason is None and seq.request.prefill_only:
+            self.scheduler.hold(seq)
+            return EngineOutput(seq.request_id, [token], "prefilled", num_prompt_tokens=seq.num_prompt_tokens)
+        if reason is None:
+            if seq.status is not SequenceStatus.RUNNING:
+                self.scheduler.start_running(seq)
+        else:
+            self._retire(seq)
+        return EngineOutput(seq.request_id, [token], reason, num_prompt_tokens=seq.num_prompt_tokens)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> EngineOutput:
+        self._retire(seq)
+        return EngineOutput(seq.request_id, [], "error", error=f"{type(exc).__name__}: {exc}",
+                            num_prompt_tokens=seq.num_prompt_tokens)
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._sequences.pop(seq.request_id, None)

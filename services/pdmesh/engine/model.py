@@ -1,0 +1,98 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Qwen2, Mistral) over a flat batch of tokens.
+
+Weights arrive in Hugging Face names and layout. q/k/v and gate/up are fused into one matrix
+each, so a layer runs three large GEMMs instead of seven. Under tensor parallelism the caller
+passes this rank's shards (column-parallel q/k/v/gate/up, row-parallel o/down) and an all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pdmesh.engine.attention import AttentionBatch, attend
+from pdmesh.engine.kv_cache import KVCache
+from pdmesh.engine.linear import FrozenLinear
+from pdmesh.engine.model_config import ModelConfig
+from pdmesh.engine.rope import RotaryEmbedding
+from pdmesh.errors import CheckpointError
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class DecoderLayer:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, config: ModelConfig,
+                 all_reduce: AllReduce | None):
+        a, m = prefix + "self_attn.", prefix + "mlp."
+        q, k, v = (w[f"{a}{n}_proj.weight"] for n in "qkv")
+        self.num_heads = q.shape[0] // config.head_dim
+        self.num_kv_heads = k.shape[0] // config.head_dim
+        self.q_size, self.kv_size = q.shape[0], k.shape[0]
+        bias = None
+        if config.attention_bias:
+            bias = torch.cat([w[f"{a}{n}_proj.bias"] for n in "qkv"])
+        self.qkv = FrozenLinear(torch.cat([q, k, v]), bias)
+        self.o = FrozenLinear(w[a + "o_proj.weight"])
+        self.gate_up = FrozenLinear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]))
+        self.down = FrozenLinear(w[m + "down_proj.weight"])
+        self.input_norm = w[prefix + "input_layernorm.weight"]
+        self.post_norm = w[prefix + "post_attention_layernorm.weight"]
+        self.eps = config.rms_norm_eps
+        self.head_dim = config.head_dim
+        self.all_reduce = all_reduce
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                 kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))  # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rope(q.view(t, self.num_heads, d), positions)
+        k = rope(k.view(t, self.num_kv_heads, d), positions)
+        attn = self.o(attend(q, k, v.view(t, self.num_kv_heads, d), kv_layer, batch))
+        x = x + self._reduce(attn)
+        gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
+        return x + self._reduce(self.down(F.silu(gate) * up))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self.all_reduce is None else self.all_reduce(partial)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm arithmetic, kept identical for token-exact greedy output.
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class LlamaModel:
+    """Runs one engine step: embeds tokens, runs every layer, returns logits for chosen rows."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 all_reduce: AllReduce | None = None):
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks tensors {missing}")
+        self.config = config
+        self.embed = weights["model.embed_tokens.weight"]  # [V, H]
+        head = weights.get("lm_head.weight", self.embed if config.tie_word_embeddings else None)
+        if head is None:
+            raise CheckpointError("checkpoint has no lm_head.weight and does not tie embeddings")
+        self.lm_head = FrozenLinear(head)
+        self.norm = weights["model.norm.weight"]
+        self.layers = [DecoderLayer(weights, f"model.layers.{i}.", config, all_reduce)
+                       for i in range(config.num_layers)]
+        self.rope = RotaryEmbedding(config, max_positions)
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.layers[0].num_kv_heads
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; logit_rows: [N] rows of T to score. Returns logits [N, V]."""
+        x = self.embed[input_ids]  # [T, H]
+        for layer, kv_layer in zip(self.layers, cache.kv):
+            x = layer(x, positions, self.rope, kv_layer, batch)
+        x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
+        return self.lm_head(x)
