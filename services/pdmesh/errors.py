@@ -27,3 +27,28 @@ class ResourceExhaustedError(PdmeshError):
 
 class EngineError(PdmeshError):
     """The engine failed while running a request (gRPC INTERNAL)."""
+
+
+class NotFoundError(PdmeshError):
+    """A named thing (model, request, worker) does not exist (gRPC NOT_FOUND)."""
+
+
+class UnauthenticatedError(PdmeshError):
+    """The caller sent no credentials or bad ones (gRPC UNAUTHENTICATED)."""
+
+
+class DeadlineError(PdmeshError):
+    """A deadline passed before the work finished (gRPC DEADLINE_EXCEEDED)."""
+
+
+class UnavailableError(PdmeshError):
+    """A needed worker or peer is down or draining; retry later (gRPC UNAVAILABLE)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FailedPreconditionError(PdmeshError):
+    """The system is not in a state the call needs, e.g. peers with different KV layouts
+    (gRPC FAILED_PRECONDITION)."""

@@ -45,20 +45,20 @@ class AsyncEngine:
             if not finished:
                 self.abort(request.request_id)
 
-    async def prefill(self, request: EngineRequest) -> tuple[EngineOutput, torch.Tensor | None]:
-        """Prefill only: the first token, and the prompt's KV held until release_held().
-
-        The KV is None when the first token already ends the request (EOS, max_tokens 1).
-        """
+    async def prefill(self, request: EngineRequest) -> EngineOutput:
+        """Prefill only: returns the first token. Unless that token already ends the request
+        (finish_reason other than "prefilled"), the prompt's KV stays held until release_held()."""
         request.prefill_only = True
         output = None
         async for output in self.generate(request):
             pass
         if output is None or output.finish_reason == "error":
             raise EngineError(output.error if output else "prefill produced nothing")
-        if output.finish_reason != "prefilled":
-            return output, None
-        return output, self.engine.export_kv(request.request_id)
+        return output
+
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """A held prompt's KV: [layers, 2, tokens, local kv heads, head_dim]."""
+        return self.engine.export_kv(request_id)
 
     def release_held(self, request_id: str) -> bool:
         return self.engine.release_held(request_id)

@@ -1,0 +1,114 @@
+"""`pdmesh serve | scheduler | prefill | decode`: every flag is read here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pdmesh.config import CpuPlacement, SchedulerConfig, WorkerConfig
+from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.errors import PdmeshError
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (default: the model's context)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for KV blocks, GiB")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in a running batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--scheduler", required=True, help="host:port of the scheduler to register with")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free one, -1: off)")
+    p.add_argument("--worker-id", default="")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--nice", type=int, default=0, help="OS scheduling priority increment")
+    p.add_argument("--kv-timeout", type=float, default=10.0, help="seconds any KV hand-off wait may take")
+    p.add_argument("--held-kv-ttl", type=float, default=30.0, help="prefill: free unpulled KV after this long")
+    _engine_flags(p)
+
+
+def _scheduler_flags(p: argparse.ArgumentParser, port_default: int = 50051) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=port_default, help="scheduler gRPC port")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free one, -1: off)")
+    p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (default: the model's context)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none")
+    p.add_argument("--local-prefill-threshold", type=int, default=0,
+                   help="prompts shorter than this are prefilled on the decode worker (0: never)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdmesh", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("PDMESH_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run scheduler + workers on this machine")
+    _scheduler_flags(serve)
+    serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument("--prefill-threads", type=int, default=None, help="default: see README (CPU placement)")
+    serve.add_argument("--prefill-nice", type=int, default=None)
+    serve.add_argument("--decode-threads", type=int, default=None)
+    serve.add_argument("--decode-nice", type=int, default=None)
+    serve.add_argument("--kv-cache-gib", type=float, default=1.0)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    _scheduler_flags(sub.add_parser("scheduler", help="run the scheduler"))
+    _worker_flags(sub.add_parser("prefill", help="run a prefill worker"))
+    _worker_flags(sub.add_parser("decode", help="run a decode worker"))
+    return parser
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    engine = EngineConfig(max_model_len=args.max_model_len, block_size=args.block_size,
+                          kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+    return WorkerConfig(role=args.command, scheduler_address=args.scheduler, model=args.model, host=args.host,
+                        port=args.port, metrics_port=args.metrics_port, worker_id=args.worker_id, engine=engine,
+                        cpu=CpuPlacement(args.threads, args.nice), kv_timeout_s=args.kv_timeout,
+                        held_kv_ttl_s=args.held_kv_ttl)
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                           max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
+                           local_prefill_threshold=args.local_prefill_threshold)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except PdmeshError as exc:
+        print(f"pdmesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pdmesh.rpc.server import run
+
+    if args.command == "serve":
+        from pdmesh.launcher import serve
+        return serve(args)
+    if args.command == "scheduler":
+        from pdmesh.scheduler.main import run_scheduler
+        run(run_scheduler(scheduler_config(args)))
+        return 0
+    from pdmesh.worker.main import run_worker
+    run(run_worker(worker_config(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The decode worker: runs streams in its paged KV pool, batched."""

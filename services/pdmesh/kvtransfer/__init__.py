@@ -1,0 +1,1 @@
+"""Moving KV caches between workers over pairwise torch.distributed groups."""

@@ -1,0 +1,46 @@
+"""Prometheus metrics of every pdmesh service (each process serves its own /metrics port).
+
+Names follow Prometheus conventions: a `pdmesh_` prefix, base units (seconds, bytes), `_total` on
+counters. A service only moves the metrics of its role; the rest stay at zero.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+
+# scheduler: the client's view
+TIME_TO_FIRST_TOKEN = Histogram("pdmesh_time_to_first_token_seconds",
+                                "Time from request arrival to its first token", buckets=_LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram("pdmesh_inter_token_latency_seconds",
+                                "Time between consecutive tokens of a stream", buckets=_LATENCY_BUCKETS)
+E2E_LATENCY = Histogram("pdmesh_e2e_request_latency_seconds",
+                        "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS)
+QUEUE_TIME = Histogram("pdmesh_queue_time_seconds",
+                       "Time a request waited for admission", buckets=_LATENCY_BUCKETS)
+REQUESTS = Counter("pdmesh_requests_total", "Finished requests by outcome", ["outcome"])
+PROMPT_TOKENS = Counter("pdmesh_prompt_tokens_total", "Prompt tokens of admitted requests")
+GENERATION_TOKENS = Counter("pdmesh_generation_tokens_total", "Tokens streamed to clients")
+
+# every service
+RUNNING = Gauge("pdmesh_requests_running", "Requests running")
+QUEUED = Gauge("pdmesh_requests_queued", "Requests waiting")
+
+# workers
+KV_BLOCKS_FREE = Gauge("pdmesh_kv_blocks_free", "Free KV cache blocks")
+KV_BLOCKS_TOTAL = Gauge("pdmesh_kv_blocks_total", "All KV cache blocks")
+HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from prefill to decode")
+HANDOFF_SECONDS = Histogram("pdmesh_kv_handoff_seconds", "Time of one KV hand-off",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+HANDOFF_FAILURES = Counter("pdmesh_kv_handoff_failures_total", "KV hand-offs that failed")
+PREFILL_SECONDS = Histogram("pdmesh_prefill_seconds", "Time to prefill one prompt on a worker",
+                            buckets=_LATENCY_BUCKETS)
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
+    """Serve /metrics on port (0: a free one); returns the bound port, None if port < 0 (off)."""
+    if port < 0:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_port

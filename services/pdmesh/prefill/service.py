@@ -1,0 +1,64 @@
+"""The PrefillWorker gRPC servicer: protobuf in, engine and KVSender calls, protobuf out."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from pdmesh import metrics
+from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.sequence import EngineRequest
+from pdmesh.errors import UnavailableError
+from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc, worker_pb2
+from pdmesh.kvtransfer.layout_check import check_layouts
+from pdmesh.prefill.kv_sender import KVSender
+from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_from_pb
+from pdmesh.worker.runtime import WorkerState
+
+
+class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, state: WorkerState, sender: KVSender):
+        self.state = state
+        self.engine: AsyncEngine = state.engine
+        self.sender = sender
+
+    async def OpenKVChannel(self, request, context):
+        layout = self.engine.engine.layout
+        check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
+        channel = await self.sender.open_channel(request.store_host, request.store_port, request.channel_id)
+        return prefill_pb2.OpenKVChannelResponse(layout=layout_to_pb(layout), backend=channel.backend)
+
+    async def Prefill(self, request, context):
+        if self.state.draining:
+            raise UnavailableError(f"prefill worker {self.state.worker_id} is draining")
+        layout = self.engine.engine.layout
+        check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
+        prompt = list(request.prompt_token_ids)
+        start = time.perf_counter()
+        self.state.queued_prompt_tokens += len(prompt)
+        try:
+            output = await self.engine.prefill(
+                EngineRequest(request.request_id, prompt, sampling_from_pb(request.sampling)))
+        finally:
+            self.state.queued_prompt_tokens -= len(prompt)
+        seconds = time.perf_counter() - start
+        metrics.PREFILL_SECONDS.observe(seconds)
+        finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
+        if not finish_reason:
+            self.sender.hold(request.request_id)
+        return prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
+                                         num_tokens=len(prompt), layout=layout_to_pb(layout),
+                                         prefill_seconds=seconds)
+
+    async def PullKV(self, request, context):
+        nbytes, seconds = await self.sender.send(request.request_id, request.channel_id, request.tag)
+        return prefill_pb2.TransferDone(bytes=nbytes, seconds=seconds)
+
+    async def ReleaseKV(self, request, context):
+        return prefill_pb2.ReleaseKVResponse(released=self.sender.release(request.request_id))
+
+    async def Drain(self, request, context):
+        self.state.draining = True
+        running, _ = self.engine.engine.load()
+        return worker_pb2.DrainResponse(running=running)

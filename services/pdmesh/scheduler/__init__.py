@@ -1,0 +1,1 @@
+"""The scheduler: client API, caps, admission, routing, streaming."""

@@ -1,0 +1,67 @@
+"""Runs the scheduler process: client API, registry, health that tracks worker membership."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdmesh import metrics
+from pdmesh.config import SchedulerConfig
+from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pdmesh.rpc.server import ServiceSpec, build_server, service_name
+from pdmesh.rpc.signals import wait_for_stop_signal
+from pdmesh.scheduler.registry import WorkerRegistry
+from pdmesh.scheduler.request_spec import ModelInfo
+from pdmesh.scheduler.router import Router
+from pdmesh.scheduler.service import RegistryServicer, SchedulerServicer
+from pdmesh.scheduler.stream import MeshStream, WorkerClients
+
+log = logging.getLogger(__name__)
+SCHEDULER = service_name(scheduler_pb2, "Scheduler")
+
+
+def load_model_info(config: SchedulerConfig) -> ModelInfo:
+    """The served model's shapes and tokenizer; the scheduler holds no weights."""
+    checkpoint = load_checkpoint(config.model, log=log.info)
+    model_len = checkpoint.config.max_position_embeddings
+    max_model_len = min(config.max_model_len or model_len, model_len)
+    return ModelInfo(checkpoint.config.name, checkpoint.config, checkpoint.tokenizer, max_model_len)
+
+
+async def run_scheduler(config: SchedulerConfig) -> None:
+    model = load_model_info(config)
+    registry = WorkerRegistry(config.heartbeat_timeout_s)
+    stream = MeshStream(model, Router(registry), WorkerClients(), config.local_prefill_threshold)
+    scheduler = SchedulerServicer(model, registry, stream, config.default_max_tokens)
+    server = None
+
+    async def refresh_health() -> None:
+        # SERVING only while both roles have a routable worker: a client load balancer then
+        # never sends traffic to a scheduler that can only fail it.
+        if server is not None:
+            await server.set_serving(registry.has_both_roles(), SCHEDULER)
+            await server.set_serving(registry.has_both_roles(), "")
+
+    registry_servicer = RegistryServicer(registry, config.heartbeat_interval_s, refresh_health)
+    server = build_server([
+        ServiceSpec(scheduler_pb2_grpc.add_SchedulerServicer_to_server, scheduler, SCHEDULER),
+        ServiceSpec(registry_pb2_grpc.add_RegistryServicer_to_server, registry_servicer,
+                    service_name(registry_pb2, "Registry")),
+    ], port=config.port, host=config.host)
+    metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
+    await server.start(serving=False)
+    await server.set_serving(True, service_name(registry_pb2, "Registry"))
+    print(f"pdmesh scheduler serving {model.name} on {config.host}:{server.port} "
+          f"(metrics :{metrics_port}, max-model-len {model.max_model_len})", flush=True)
+    watcher = asyncio.create_task(_watch_health(refresh_health))
+    await wait_for_stop_signal()
+    scheduler.accepting = False
+    watcher.cancel()
+    await server.stop(grace=30.0)
+
+
+async def _watch_health(refresh) -> None:
+    while True:
+        await refresh()
+        await asyncio.sleep(0.5)

@@ -1,0 +1,93 @@
+"""The Scheduler (client API) and Registry (worker membership) gRPC servicers."""
+
+from __future__ import annotations
+
+import time
+
+from pdmesh import metrics
+from pdmesh.errors import UnavailableError
+from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
+from pdmesh.scheduler.request_spec import ModelInfo, build_spec, check_model, prompt_ids_from
+from pdmesh.scheduler.stream import MeshStream
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, model: ModelInfo, registry: WorkerRegistry, stream: MeshStream, default_max_tokens: int):
+        self.model = model
+        self.registry = registry
+        self.stream = stream
+        self.default_max_tokens = default_max_tokens
+        self.running = 0
+        self.accepting = True
+
+    async def Generate(self, request, context):
+        if not self.accepting:
+            raise UnavailableError("the scheduler is shutting down")
+        spec = build_spec(request, self.model, self.default_max_tokens)
+        self.running += 1
+        metrics.RUNNING.set(self.running)
+        outcome = "error"
+        try:
+            metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
+            async for delta in self.stream.run(spec, context.time_remaining()):
+                response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
+                                                          finish_reason=delta.finish_reason,
+                                                          request_id=spec.request_id)
+                if delta.finish_reason:
+                    outcome = delta.finish_reason
+                    response.usage.prompt_tokens = delta.prompt_tokens
+                    response.usage.completion_tokens = delta.completion_tokens
+                yield response
+        finally:
+            if outcome == "error" and context.cancelled():
+                outcome = "cancelled"
+            metrics.REQUESTS.labels(outcome=outcome).inc()
+            self.running -= 1
+            metrics.RUNNING.set(self.running)
+
+    async def ListModels(self, request, context):
+        m = self.model
+        return scheduler_pb2.ListModelsResponse(models=[scheduler_pb2.Model(
+            id=m.name, max_model_len=m.max_model_len, vocab_size=m.config.vocab_size)])
+
+    async def CountTokens(self, request, context):
+        check_model(self.model, request.model)
+        ids = prompt_ids_from(self.model, request.prompt, request.messages, [])
+        return scheduler_pb2.CountTokensResponse(num_tokens=len(ids), token_ids=ids)
+
+    async def GetClusterStatus(self, request, context):
+        now = time.monotonic()
+        workers = []
+        for w in self.registry.workers.values():
+            healthy = self.registry.healthy(w, now)
+            state = w.load.state if healthy or w.load.state == "draining" else "down"
+            workers.append(scheduler_pb2.WorkerStatus(
+                worker_id=w.worker_id, role=w.role, address=w.address, healthy=healthy,
+                running=w.load.running, queued=w.load.queued, kv_blocks_free=w.load.kv_blocks_free,
+                kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
+                tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state))
+        return scheduler_pb2.ClusterStatus(workers=workers, running=self.running, queued=0)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: WorkerRegistry, heartbeat_interval_s: float, on_change):
+        self.registry = registry
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.on_change = on_change
+
+    async def Register(self, request, context):
+        self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
+                               load_from_pb(request.load))
+        await self.on_change()
+        return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        self.registry.heartbeat(request.worker_id, load_from_pb(request.load))
+        return registry_pb2.HeartbeatResponse()
+
+
+def load_from_pb(pb) -> WorkerLoad:
+    return WorkerLoad(running=pb.running, queued=pb.queued, queued_prompt_tokens=pb.queued_prompt_tokens,
+                      kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
+                      block_size=pb.block_size or 16, state=pb.state or "serving")

@@ -1,0 +1,1 @@
+"""What prefill and decode workers share: engine start-up, registration, protobuf conversion."""

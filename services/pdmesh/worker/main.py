@@ -1,0 +1,67 @@
+"""Runs one prefill or decode worker process until SIGTERM, then drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdmesh import metrics
+from pdmesh.config import WorkerConfig
+from pdmesh.decode.kv_receiver import KVReceiver
+from pdmesh.decode.service import DecodeWorkerServicer
+from pdmesh.decode.stream import DecodeStream, PrefillClients
+from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdmesh.prefill.kv_sender import KVSender
+from pdmesh.prefill.service import PrefillWorkerServicer
+from pdmesh.rpc.server import ServiceSpec, build_server, service_name
+from pdmesh.rpc.signals import wait_for_stop_signal
+from pdmesh.worker.registration import Registration
+from pdmesh.worker.runtime import WorkerState, start_engine
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
+    engine = start_engine(config)
+    state = WorkerState(config, engine, address="")
+    background = []
+    if config.role == "prefill":
+        sender = KVSender(engine, config.kv_timeout_s, config.held_kv_ttl_s)
+        spec = ServiceSpec(prefill_pb2_grpc.add_PrefillWorkerServicer_to_server, PrefillWorkerServicer(state, sender),
+                           service_name(prefill_pb2, "PrefillWorker"))
+        background.append(sender.expire_forever())
+    else:
+        clients = PrefillClients()
+        receiver = KVReceiver("", config.host, engine.engine.layout, config.kv_timeout_s)
+        spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
+                           DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients)),
+                           service_name(decode_pb2, "DecodeWorker"))
+    server = build_server([spec], port=config.port, host=config.host)
+    state.address = f"{config.host}:{server.port}"
+    state.worker_id = config.worker_id or f"{config.role}-{state.address}"
+    if config.role == "decode":
+        receiver.worker_id = state.worker_id
+    metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
+    registration = Registration(config.scheduler_address, state.register_request, state.load,
+                                config.heartbeat_interval_s)
+    await server.start()
+    tasks = [asyncio.create_task(c) for c in (registration.run(), *background)]
+    print(f"pdmesh {config.role} worker {state.worker_id} serving on {state.address} "
+          f"(metrics :{metrics_port})", flush=True)
+    await wait_for_stop_signal()
+    await _drain(state, server, grace_s)
+    for task in tasks:
+        task.cancel()
+    engine.stop()
+
+
+async def _drain(state: WorkerState, server, grace_s: float) -> None:
+    """Stop taking work, let running requests finish (up to grace_s), then stop serving."""
+    state.draining = True
+    state.load()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while state.engine.engine.has_work() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=1.0)
+    log.info("%s stopped", state.worker_id)

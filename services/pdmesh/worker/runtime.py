@@ -1,0 +1,64 @@
+"""Start-up shared by prefill and decode workers: CPU placement, the engine, load reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pdmesh import metrics
+from pdmesh.config import CpuPlacement, WorkerConfig
+from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
+from pdmesh.worker.convert import layout_to_pb
+
+log = logging.getLogger(__name__)
+
+
+def apply_cpu_placement(cpu: CpuPlacement) -> None:
+    if cpu.threads:
+        torch.set_num_threads(cpu.threads)
+    if cpu.nice:
+        os.nice(cpu.nice)  # relative to the parent: serve starts every worker from nice 0
+
+
+def start_engine(config: WorkerConfig) -> AsyncEngine:
+    apply_cpu_placement(config.cpu)
+    checkpoint = load_checkpoint(config.model, log=log.info)
+    engine = LLMEngine(checkpoint.config, checkpoint.weights, config.engine)
+    log.info("%s worker: %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
+             checkpoint.config.name, engine.num_total_blocks, config.engine.block_size,
+             torch.get_num_threads(), os.nice(0))
+    return AsyncEngine(engine)
+
+
+class WorkerState:
+    """What a worker reports on every heartbeat; also keeps its Prometheus gauges current."""
+
+    def __init__(self, config: WorkerConfig, engine: AsyncEngine, address: str):
+        self.config = config
+        self.engine = engine
+        self.address = address
+        self.worker_id = config.worker_id or f"{config.role}-{address}"
+        self.queued_prompt_tokens = 0
+        self.draining = False
+
+    def load(self) -> worker_pb2.WorkerLoad:
+        engine = self.engine.engine
+        running, waiting = engine.load()
+        free, total = engine.num_free_blocks, engine.num_total_blocks
+        metrics.RUNNING.set(running)
+        metrics.QUEUED.set(waiting)
+        metrics.KV_BLOCKS_FREE.set(free)
+        metrics.KV_BLOCKS_TOTAL.set(total)
+        return worker_pb2.WorkerLoad(running=running, queued=waiting, queued_prompt_tokens=self.queued_prompt_tokens,
+                                     kv_blocks_free=free, kv_blocks_total=total, block_size=engine.config.block_size,
+                                     state="draining" if self.draining else "serving")
+
+    def register_request(self) -> registry_pb2.RegisterRequest:
+        return registry_pb2.RegisterRequest(worker_id=self.worker_id, role=self.config.role, address=self.address,
+                                            model=self.engine.engine.model_config.name, tp_size=1,
+                                            layout=layout_to_pb(self.engine.engine.layout))
