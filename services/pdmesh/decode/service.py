@@ -19,6 +19,7 @@ class DecodeWorkerServicer(decode_pb2_grpc.DecodeWorkerServicer):
     async def Generate(self, request, context):
         if self.state.draining:
             raise UnavailableError(f"decode worker {self.state.worker_id} is draining")
+        self.state.requests_total += 1
         chunks = self.stream.run(request.request_id, list(request.prompt_token_ids),
                                  sampling_from_pb(request.sampling), request.prefill_address,
                                  context.time_remaining())

@@ -34,6 +34,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             raise UnavailableError(f"prefill worker {self.state.worker_id} is draining")
         layout = self.engine.engine.layout
         check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
+        self.state.requests_total += 1
         prompt = list(request.prompt_token_ids)
         start = time.perf_counter()
         self.state.queued_prompt_tokens += len(prompt)

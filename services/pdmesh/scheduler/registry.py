@@ -22,6 +22,7 @@ class WorkerLoad:
     kv_blocks_total: int = 0
     block_size: int = 16
     state: str = "serving"
+    requests_total: int = 0
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class WorkerInfo:
     role: str
     address: str
     tp_size: int = 1
+    metrics_address: str = ""
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
     down_until: float = 0.0  # routed around until then after a failed call
@@ -46,12 +48,13 @@ class WorkerRegistry:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.workers: dict[str, WorkerInfo] = {}
 
-    def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad) -> WorkerInfo:
+    def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
+                 metrics_address: str = "") -> WorkerInfo:
         if role not in ("prefill", "decode"):
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
         if not worker_id or not address:
             raise InvalidRequestError("worker_id and address are required", "worker_id")
-        info = WorkerInfo(worker_id, role, address, tp_size or 1, load)
+        info = WorkerInfo(worker_id, role, address, tp_size or 1, metrics_address, load)
         old = self.workers.get(worker_id)
         if old is not None:  # a re-registration keeps what this scheduler has in flight there
             info.pending_requests, info.pending_blocks = old.pending_requests, old.pending_blocks

@@ -66,7 +66,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 worker_id=w.worker_id, role=w.role, address=w.address, healthy=healthy,
                 running=w.load.running, queued=w.load.queued, kv_blocks_free=w.load.kv_blocks_free,
                 kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
-                tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state))
+                tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
+                metrics_address=w.metrics_address, requests_total=w.load.requests_total))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.running, queued=0)
 
 
@@ -78,7 +79,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
-                               load_from_pb(request.load))
+                               load_from_pb(request.load), request.metrics_address)
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
@@ -90,4 +91,5 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 def load_from_pb(pb) -> WorkerLoad:
     return WorkerLoad(running=pb.running, queued=pb.queued, queued_prompt_tokens=pb.queued_prompt_tokens,
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
-                      block_size=pb.block_size or 16, state=pb.state or "serving")
+                      block_size=pb.block_size or 16, state=pb.state or "serving",
+                      requests_total=pb.requests_total)

@@ -42,6 +42,7 @@ async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     if config.role == "decode":
         receiver.worker_id = state.worker_id
     metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
+    state.metrics_address = f"{config.host}:{metrics_port}" if metrics_port else ""
     registration = Registration(config.scheduler_address, state.register_request, state.load,
                                 config.heartbeat_interval_s)
     await server.start()

@@ -44,7 +44,9 @@ class WorkerState:
         self.address = address
         self.worker_id = config.worker_id or f"{config.role}-{address}"
         self.queued_prompt_tokens = 0
+        self.requests_total = 0
         self.draining = False
+        self.metrics_address = ""
 
     def load(self) -> worker_pb2.WorkerLoad:
         engine = self.engine.engine
@@ -56,9 +58,11 @@ class WorkerState:
         metrics.KV_BLOCKS_TOTAL.set(total)
         return worker_pb2.WorkerLoad(running=running, queued=waiting, queued_prompt_tokens=self.queued_prompt_tokens,
                                      kv_blocks_free=free, kv_blocks_total=total, block_size=engine.config.block_size,
-                                     state="draining" if self.draining else "serving")
+                                     state="draining" if self.draining else "serving",
+                                     requests_total=self.requests_total)
 
     def register_request(self) -> registry_pb2.RegisterRequest:
         return registry_pb2.RegisterRequest(worker_id=self.worker_id, role=self.config.role, address=self.address,
                                             model=self.engine.engine.model_config.name, tp_size=1,
-                                            layout=layout_to_pb(self.engine.engine.layout))
+                                            layout=layout_to_pb(self.engine.engine.layout),
+                                            metrics_address=self.metrics_address)

@@ -109,7 +109,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,8 @@ class WorkerStatus(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -134,7 +136,9 @@ class WorkerStatus(_message.Message):
     tp_size: int
     last_heartbeat_age_s: float
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    requests_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("workers", "running", "queued")

@@ -1,0 +1,161 @@
+"""A small Python client for backend services: sync and asyncio, streaming, typed results.
+
+    from pdmesh.client import PdmeshClient
+    with PdmeshClient("127.0.0.1:50051") as client:
+        for chunk in client.stream(messages=[{"role": "user", "content": "Hi!"}], max_tokens=32):
+            print(chunk.text, end="", flush=True)
+        print(client.generate(prompt="1, 2, 3,", max_tokens=8).text)
+
+Every call takes a deadline (timeout_s). A call that fails with UNAVAILABLE before its first chunk
+is retried with exponential backoff (tenacity); once text has arrived it is never retried, so a
+stream is never duplicated. Errors come out as grpc.RpcError with the server's status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+import grpc
+from tenacity import (AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt,
+                      wait_exponential)
+
+from pdmesh.gen.pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "" until the last chunk
+    prompt_tokens: int  # set on the last chunk
+    completion_tokens: int  # set on the last chunk
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+
+
+def build_request(prompt: str | None = None, messages: list[dict[str, str]] | None = None,
+                  prompt_token_ids: list[int] | None = None, **params) -> scheduler_pb2.GenerateRequest:
+    """params: max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, priority, request_id, model."""
+    request = scheduler_pb2.GenerateRequest(prompt=prompt or "", prompt_token_ids=prompt_token_ids or [],
+                                            messages=[scheduler_pb2.ChatMessage(**m) for m in messages or []])
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "stop":
+            request.stop.extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def _chunk(pb: scheduler_pb2.GenerateResponse) -> Chunk:
+    return Chunk(pb.text, tuple(pb.token_ids), pb.finish_reason, pb.usage.prompt_tokens,
+                 pb.usage.completion_tokens, pb.request_id)
+
+
+def join(chunks: list[Chunk]) -> Completion:
+    last = chunks[-1]
+    return Completion("".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.request_id)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _Settings:
+    def __init__(self, address: str, timeout_s: float, retries: int, api_key: str | None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.retry = dict(retry=retry_if_exception(_unavailable), stop=stop_after_attempt(retries + 1),
+                          wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True)
+
+
+class PdmeshClient(_Settings):
+    """Blocking client; one gRPC channel, thread-safe."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
+                 api_key: str | None = None):
+        super().__init__(address, timeout_s, retries, api_key)
+        self.channel = grpc.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+
+    def stream(self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs) -> Iterator[Chunk]:
+        request = build_request(prompt, **kwargs)
+        timeout = timeout_s or self.timeout_s
+        for attempt in Retrying(**self.retry):
+            with attempt:
+                responses = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+                first = next(responses)  # UNAVAILABLE before any text: retried
+        yield _chunk(first)
+        for response in responses:
+            yield _chunk(response)
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        return join(list(self.stream(prompt, **kwargs)))
+
+    def count_tokens(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        request = scheduler_pb2.CountTokensRequest(
+            prompt=prompt or "", messages=[scheduler_pb2.ChatMessage(**m) for m in messages or []])
+        return list(self.stub.CountTokens(request, timeout=self.timeout_s, metadata=self.metadata).token_ids)
+
+    def list_models(self) -> list[scheduler_pb2.Model]:
+        return list(self.stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=self.timeout_s).models)
+
+    def cluster_status(self) -> scheduler_pb2.ClusterStatus:
+        return self.stub.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "PdmeshClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncPdmeshClient(_Settings):
+    """asyncio client (grpc.aio); create and use it inside one event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
+                 api_key: str | None = None):
+        super().__init__(address, timeout_s, retries, api_key)
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+
+    async def stream(self, prompt: str | None = None, *, timeout_s: float | None = None,
+                     **kwargs) -> AsyncIterator[Chunk]:
+        request = build_request(prompt, **kwargs)
+        timeout = timeout_s or self.timeout_s
+        async for attempt in AsyncRetrying(**self.retry):
+            with attempt:
+                call = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+                first = await call.read()
+        response = first
+        while response is not grpc.aio.EOF:  # read() only: grpc.aio forbids mixing it with async for
+            yield _chunk(response)
+            response = await call.read()
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        return join([chunk async for chunk in self.stream(prompt, **kwargs)])
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncPdmeshClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

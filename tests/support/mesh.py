@@ -1,0 +1,82 @@
+"""Start a real mesh (`pdmesh serve`: scheduler + workers as processes) on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdmesh.client import PdmeshClient
+
+# The e2e mesh prefills prompts shorter than this on the decode worker itself.
+LOCAL_PREFILL_THRESHOLD = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains text (how we find a mesh's leftover processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@dataclass
+class Mesh:
+    address: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def client(self, **kwargs) -> PdmeshClient:
+        return PdmeshClient(self.address, **kwargs)
+
+    def workers(self, role: str | None = None):
+        with self.client() as c:
+            return [w for w in c.cluster_status().workers if role is None or w.role == role]
+
+    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> list:
+        """Poll cluster status until every worker reports all KV blocks free; returns the workers."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.workers()
+            if all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in workers):
+                return workers
+            if time.monotonic() > deadline:
+                return workers
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+
+def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), *flags]
+    log = open(log_path, "w")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"pdmesh serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        if "pdmesh is ready" in log_path.read_text():
+            return Mesh(f"127.0.0.1:{port}", process, log_path)
+        time.sleep(0.3)
+    process.kill()
+    raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
