@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up request once ready")
     _scheduler_flags(sub.add_parser("scheduler", help="run the scheduler"))
     _worker_flags(sub.add_parser("prefill", help="run a prefill worker"))
     _worker_flags(sub.add_parser("decode", help="run a decode worker"))

@@ -106,6 +106,8 @@ def serve(args: argparse.Namespace) -> int:
         wait_ready(address, args.prefill_workers + args.decode_workers, deadline, procs)
         print(f"\npdmesh is ready: scheduler on {address} with {args.prefill_workers} prefill and "
               f"{args.decode_workers} decode workers", flush=True)
+        if not args.no_warmup:
+            warm_up(address)
         print(f"  try:  grpcurl -plaintext -d '{{\"prompt\": \"What is the capital of France?\", \"max_tokens\": 32}}' "
               f"{address} pdmesh.v1.Scheduler/Generate", flush=True)
         print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
@@ -124,6 +126,18 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(procs)
+
+
+def warm_up(address: str) -> None:
+    """Answer one request end to end (and build the kernels' first shapes before real traffic)."""
+    from pdmesh.client import PdmeshClient
+
+    question = "What is the capital of France?"
+    start = time.perf_counter()
+    with PdmeshClient(address, timeout_s=120) as client:
+        done = client.generate(messages=[{"role": "user", "content": question}], max_tokens=32)
+    print(f"  warm-up: {question!r} -> {done.text!r} ({done.completion_tokens} tokens in "
+          f"{time.perf_counter() - start:.2f}s)", flush=True)
 
 
 def _wait_port(address: str, deadline: float, procs: dict[str, subprocess.Popen]) -> None:

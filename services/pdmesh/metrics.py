@@ -18,7 +18,8 @@ INTER_TOKEN_LATENCY = Histogram("pdmesh_inter_token_latency_seconds",
 E2E_LATENCY = Histogram("pdmesh_e2e_request_latency_seconds",
                         "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("pdmesh_queue_time_seconds",
-                       "Time a request waited for admission", buckets=_LATENCY_BUCKETS)
+                       "Time a request waited before it ran: for KV blocks and a batch slot on a worker",
+                       buckets=_LATENCY_BUCKETS)
 REQUESTS = Counter("pdmesh_requests_total", "Finished requests by outcome", ["outcome"])
 PROMPT_TOKENS = Counter("pdmesh_prompt_tokens_total", "Prompt tokens of admitted requests")
 GENERATION_TOKENS = Counter("pdmesh_generation_tokens_total", "Tokens streamed to clients")

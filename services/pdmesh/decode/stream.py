@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from pdmesh import metrics
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
@@ -67,6 +68,8 @@ class DecodeStream:
                 if output.finish_reason == "error":
                     raise EngineError(f"request {request_id}: {output.error}")
                 chunk = decode_pb2.DecodeChunk(token_ids=output.token_ids, finish_reason=output.finish_reason or "")
+                if output.queue_s is not None:
+                    metrics.QUEUE_TIME.observe(output.queue_s)
                 if first:
                     chunk.prefill.CopyFrom(info)
                     first = False

@@ -7,6 +7,7 @@ nothing is ever preempted. A sequence that does not fit waits, in arrival order.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class BatchScheduler:
             if not self._take_blocks(seq):
                 break
             self.waiting.popleft()
+            seq.scheduled = time.monotonic()
             if computes:
                 step.prefill.append(seq)
                 budget -= seq.num_prompt_tokens

@@ -188,15 +188,18 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> EngineOutput:
         seq.output_ids.append(token)
         reason = seq.finish_reason_after(token, self.max_model_len)
+        output = EngineOutput(seq.request_id, [token], reason, num_prompt_tokens=seq.num_prompt_tokens)
+        if len(seq.output_ids) == 1 and seq.scheduled is not None:
+            output.queue_s = seq.scheduled - seq.arrival
         if reason is None and seq.request.prefill_only:
             self.scheduler.hold(seq)
-            return EngineOutput(seq.request_id, [token], "prefilled", num_prompt_tokens=seq.num_prompt_tokens)
-        if reason is None:
+            output.finish_reason = "prefilled"
+        elif reason is None:
             if seq.status is not SequenceStatus.RUNNING:
                 self.scheduler.start_running(seq)
         else:
             self._retire(seq)
-        return EngineOutput(seq.request_id, [token], reason, num_prompt_tokens=seq.num_prompt_tokens)
+        return output
 
     def _fail(self, seq: Sequence, exc: Exception) -> EngineOutput:
         self._retire(seq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ class EngineOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", "error", "prefilled"
     error: str | None = None
     num_prompt_tokens: int = 0
+    queue_s: float | None = None  # on the first output: seconds the request waited to be scheduled
 
     @property
     def finished(self) -> bool:
@@ -57,6 +59,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     aborted: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None  # when it left the waiting queue
 
     @property
     def request_id(self) -> str:
