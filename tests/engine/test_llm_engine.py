@@ -177,3 +177,12 @@ def test_bad_requests_are_refused_before_work(make_engine):
     with pytest.raises(InvalidRequestError, match="top_p"):
         SamplingParams(top_p=0.0)
     assert engine.num_free_blocks == engine.num_total_blocks and not engine.has_work()
+
+
+def test_bfloat16_engine_runs_with_bfloat16_kv(make_engine):
+    engine = make_engine(dtype="bfloat16")
+    assert engine.cache.kv.dtype == torch.bfloat16 and engine.layout.dtype == "bfloat16"
+    engine.add_request(EngineRequest("r", prompts(1, seed=13)[0], greedy(12)))
+    tokens = run_to_end(engine)["r"]
+    assert len(tokens) == 12 and all(0 <= t < 320 for t in tokens)
+    assert engine.num_free_blocks == engine.num_total_blocks

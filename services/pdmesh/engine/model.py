@@ -60,8 +60,10 @@ class DecoderLayer:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' LlamaRMSNorm arithmetic, kept identical for token-exact greedy output.
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    # transformers' LlamaRMSNorm arithmetic (in float32, then back), kept identical for token-exact
+    # greedy output; for float32 inputs the casts are no-ops.
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class LlamaModel:
@@ -81,7 +83,7 @@ class LlamaModel:
         self.norm = weights["model.norm.weight"]
         self.layers = [DecoderLayer(weights, f"model.layers.{i}.", config, all_reduce)
                        for i in range(config.num_layers)]
-        self.rope = RotaryEmbedding(config, max_positions)
+        self.rope = RotaryEmbedding(config, max_positions, dtype=self.embed.dtype)
 
     @property
     def num_local_kv_heads(self) -> int:
