@@ -18,6 +18,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for KV blocks, GiB")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in a running batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--engine", default="pdmesh", choices=["pdmesh", "echo"],
+                   help="echo: emit tokens without a model (load tests only; output is meaningless)")
+    p.add_argument("--echo-step-ms", type=float, default=0.0, help="echo engine: milliseconds per step")
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
@@ -40,7 +43,13 @@ def _scheduler_flags(p: argparse.ArgumentParser, port_default: int = 50051) -> N
     p.add_argument("--port", type=int, default=port_default, help="scheduler gRPC port")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free one, -1: off)")
     p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (default: the model's context)")
+    p.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt (0: max-model-len - 1)")
+    p.add_argument("--max-output-tokens", type=int, default=0, help="ceiling for max_tokens (0: max-model-len - 1)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none")
+    p.add_argument("--max-queued-requests", type=int, default=1024, help="admission queue bound, requests")
+    p.add_argument("--max-queued-tokens", type=int, default=4_000_000,
+                   help="admission queue bound, prompt + max_tokens summed")
+    p.add_argument("--tenants-file", default=None, help="TOML file of tenants: api keys and rate limits")
     p.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="prompts shorter than this are prefilled on the decode worker (0: never)")
 
@@ -58,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-threads", type=int, default=None)
     serve.add_argument("--decode-nice", type=int, default=None)
     serve.add_argument("--kv-cache-gib", type=float, default=1.0)
+    serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument("--engine", default="pdmesh", choices=["pdmesh", "echo"],
+                       help="echo: workers emit tokens without a model (load tests only)")
+    serve.add_argument("--echo-step-ms", type=float, default=0.0, help="echo engine: milliseconds per step")
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
     serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up request once ready")
     _scheduler_flags(sub.add_parser("scheduler", help="run the scheduler"))
@@ -73,14 +86,16 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                           kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
     return WorkerConfig(role=args.command, scheduler_address=args.scheduler, model=args.model, host=args.host,
                         port=args.port, metrics_port=args.metrics_port, worker_id=args.worker_id, engine=engine,
-                        cpu=CpuPlacement(args.threads, args.nice), kv_timeout_s=args.kv_timeout,
+                        engine_kind=args.engine, echo_step_delay_s=args.echo_step_ms / 1000, cpu=CpuPlacement(args.threads, args.nice), kv_timeout_s=args.kv_timeout,
                         held_kv_ttl_s=args.held_kv_ttl)
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                           max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
-                           local_prefill_threshold=args.local_prefill_threshold)
+                           max_model_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
+                           max_output_tokens=args.max_output_tokens, default_max_tokens=args.default_max_tokens,
+                           max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+                           tenants_file=args.tenants_file, local_prefill_threshold=args.local_prefill_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,12 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     cmds = [("scheduler", py + ["scheduler", "--host", args.host, "--port", str(args.port),
                                 "--metrics-port", str(args.metrics_port), "--max-model-len", str(args.max_model_len),
                                 "--default-max-tokens", str(args.default_max_tokens),
-                                "--local-prefill-threshold", str(args.local_prefill_threshold)] + model)]
+                                "--max-prompt-tokens", str(args.max_prompt_tokens),
+                                "--max-output-tokens", str(args.max_output_tokens),
+                                "--max-queued-requests", str(args.max_queued_requests),
+                                "--max-queued-tokens", str(args.max_queued_tokens),
+                                "--local-prefill-threshold", str(args.local_prefill_threshold)]
+             + model + (["--tenants-file", args.tenants_file] if args.tenants_file else []))]
     where = placement(args)
     for role, count in (("prefill", args.prefill_workers), ("decode", args.decode_workers)):
         threads, nice = where[role]
@@ -48,7 +53,9 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                                               "--worker-id", f"{role}-{i}", "--threads", str(threads),
                                               "--nice", str(nice), "--max-model-len", str(args.max_model_len),
                                               "--kv-cache-gib", str(args.kv_cache_gib),
-                                              "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype] + model))
+                                              "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype,
+                                              "--engine", args.engine, "--echo-step-ms", str(args.echo_step_ms),
+                                              "--block-size", str(args.block_size)] + model))
     return cmds
 
 
@@ -107,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"\npdmesh is ready: scheduler on {address} with {args.prefill_workers} prefill and "
               f"{args.decode_workers} decode workers", flush=True)
         if not args.no_warmup:
-            warm_up(address)
+            warm_up(address, _first_api_key(args.tenants_file))
         print(f"  try:  grpcurl -plaintext -d '{{\"prompt\": \"What is the capital of France?\", \"max_tokens\": 32}}' "
               f"{address} pdmesh.v1.Scheduler/Generate", flush=True)
         print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
@@ -128,13 +135,22 @@ def serve(args: argparse.Namespace) -> int:
         stop_all(procs)
 
 
-def warm_up(address: str) -> None:
+def _first_api_key(tenants_file: str | None) -> str | None:
+    if not tenants_file:
+        return None
+    from pdmesh.scheduler.tenants import load_tenants_file
+
+    keys = [key for tenant in load_tenants_file(tenants_file) for key in tenant.api_keys]
+    return keys[0] if keys else None
+
+
+def warm_up(address: str, api_key: str | None = None) -> None:
     """Answer one request end to end (and build the kernels' first shapes before real traffic)."""
     from pdmesh.client import PdmeshClient
 
     question = "What is the capital of France?"
     start = time.perf_counter()
-    with PdmeshClient(address, timeout_s=120) as client:
+    with PdmeshClient(address, timeout_s=120, api_key=api_key) as client:
         done = client.generate(messages=[{"role": "user", "content": question}], max_tokens=32)
     print(f"  warm-up: {question!r} -> {done.text!r} ({done.completion_tokens} tokens in "
           f"{time.perf_counter() - start:.2f}s)", flush=True)

@@ -18,17 +18,24 @@ INTER_TOKEN_LATENCY = Histogram("pdmesh_inter_token_latency_seconds",
 E2E_LATENCY = Histogram("pdmesh_e2e_request_latency_seconds",
                         "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("pdmesh_queue_time_seconds",
-                       "Time a request waited before it ran: for KV blocks and a batch slot on a worker",
-                       buckets=_LATENCY_BUCKETS)
+                       "Time a request waited in the scheduler's admission queue", buckets=_LATENCY_BUCKETS)
 REQUESTS = Counter("pdmesh_requests_total", "Finished requests by outcome", ["outcome"])
 PROMPT_TOKENS = Counter("pdmesh_prompt_tokens_total", "Prompt tokens of admitted requests")
 GENERATION_TOKENS = Counter("pdmesh_generation_tokens_total", "Tokens streamed to clients")
+
+REJECTIONS = Counter("pdmesh_rejections_total", "Requests refused by the scheduler, by reason", ["reason"])
+QUEUE_DEPTH = Gauge("pdmesh_queue_depth", "Requests in the admission queue, by priority", ["priority"])
+ADMITTED_TOKENS = Counter("pdmesh_admitted_tokens_total", "prompt + max_tokens of admitted requests")
+REJECTED_TOKENS = Counter("pdmesh_rejected_tokens_total", "prompt + max_tokens of refused requests")
 
 # every service
 RUNNING = Gauge("pdmesh_requests_running", "Requests running")
 QUEUED = Gauge("pdmesh_requests_queued", "Requests waiting")
 
 # workers
+ENGINE_QUEUE_TIME = Histogram("pdmesh_engine_queue_time_seconds",
+                              "Time a request waited in a worker's engine for KV blocks and a batch slot",
+                              buckets=_LATENCY_BUCKETS)
 KV_BLOCKS_FREE = Gauge("pdmesh_kv_blocks_free", "Free KV cache blocks")
 KV_BLOCKS_TOTAL = Gauge("pdmesh_kv_blocks_total", "All KV cache blocks")
 HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from prefill to decode")

@@ -69,7 +69,7 @@ class DecodeStream:
                     raise EngineError(f"request {request_id}: {output.error}")
                 chunk = decode_pb2.DecodeChunk(token_ids=output.token_ids, finish_reason=output.finish_reason or "")
                 if output.queue_s is not None:
-                    metrics.QUEUE_TIME.observe(output.queue_s)
+                    metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
                 if first:
                     chunk.prefill.CopyFrom(info)
                     first = False

@@ -28,14 +28,17 @@ from pdmesh.errors import EngineError, InvalidRequestError
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor],
                  config: EngineConfig = EngineConfig(), all_reduce: AllReduce | None = None,
-                 kv_head_ids: tuple[int, ...] | None = None):
+                 kv_head_ids: tuple[int, ...] | None = None, model=None):
+        """model: a stand-in with LlamaModel's forward() (e.g. EchoModel); None builds the real one."""
         self.model_config = model_config
         self.config = config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
-        dtype = getattr(torch, config.dtype)
-        weights = {name: w.to(dtype) for name, w in weights.items()}
-        self.model = LlamaModel(model_config, weights, self.max_model_len, all_reduce)
+        if model is None:
+            dtype = getattr(torch, config.dtype)
+            weights = {name: w.to(dtype) for name, w in weights.items()}
+            model = LlamaModel(model_config, weights, self.max_model_len, all_reduce)
+        self.model = model
         self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
                                config.dtype, kv_head_ids or tuple(range(model_config.num_kv_heads)))
         num_blocks = max(1, int(config.kv_cache_gib * 2**30) // KVCache.bytes_per_block(self.layout, config.block_size))

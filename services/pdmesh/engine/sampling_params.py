@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pdmesh.errors import InvalidRequestError
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
+    """How to pick tokens and when to stop. temperature 0 (or below 1e-4) means greedy."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -31,4 +34,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32: the result is argmax anyway.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE

@@ -46,7 +46,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         seconds = time.perf_counter() - start
         metrics.PREFILL_SECONDS.observe(seconds)
         if output.queue_s is not None:
-            metrics.QUEUE_TIME.observe(output.queue_s)
+            metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
         finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
         if not finish_reason:
             self.sender.hold(request.request_id)

@@ -11,8 +11,12 @@ from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.server import ServiceSpec, build_server, service_name
 from pdmesh.rpc.signals import wait_for_stop_signal
+from pdmesh.scheduler.admission import AdmissionConfig, AdmissionQueue
+from pdmesh.scheduler.admission_control import AdmissionControl
+from pdmesh.scheduler.dispatcher import Dispatcher
 from pdmesh.scheduler.registry import WorkerRegistry
-from pdmesh.scheduler.request_spec import ModelInfo
+from pdmesh.scheduler.request_spec import Caps, ModelInfo
+from pdmesh.scheduler.tenants import TenantDirectory, load_tenants_file
 from pdmesh.scheduler.router import Router
 from pdmesh.scheduler.service import RegistryServicer, SchedulerServicer
 from pdmesh.scheduler.stream import MeshStream, WorkerClients
@@ -31,9 +35,14 @@ def load_model_info(config: SchedulerConfig) -> ModelInfo:
 
 async def run_scheduler(config: SchedulerConfig) -> None:
     model = load_model_info(config)
+    caps = Caps.resolve(model.max_model_len, config.max_prompt_tokens, config.max_output_tokens,
+                        config.default_max_tokens)
+    tenants = TenantDirectory(load_tenants_file(config.tenants_file) if config.tenants_file else [])
     registry = WorkerRegistry(config.heartbeat_timeout_s)
-    stream = MeshStream(model, Router(registry), WorkerClients(), config.local_prefill_threshold)
-    scheduler = SchedulerServicer(model, registry, stream, config.default_max_tokens)
+    queue = AdmissionQueue(AdmissionConfig(config.max_queued_requests, config.max_queued_tokens))
+    dispatcher = Dispatcher(queue, Router(registry), config.local_prefill_threshold)
+    stream = MeshStream(model, registry, WorkerClients())
+    scheduler = SchedulerServicer(model, caps, registry, AdmissionControl(tenants, dispatcher), stream)
     server = None
 
     async def refresh_health() -> None:
@@ -52,12 +61,16 @@ async def run_scheduler(config: SchedulerConfig) -> None:
     metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
     await server.start(serving=False)
     await server.set_serving(True, service_name(registry_pb2, "Registry"))
-    print(f"pdmesh scheduler serving {model.name} on {config.host}:{server.port} "
-          f"(metrics :{metrics_port}, max-model-len {model.max_model_len})", flush=True)
+    print(f"pdmesh scheduler serving {model.name} on {config.host}:{server.port} (metrics :{metrics_port})\n"
+          f"  caps: {caps.describe()}\n"
+          f"  queue: max-queued-requests {config.max_queued_requests:,}, max-queued-tokens "
+          f"{config.max_queued_tokens:,}; tenants: {', '.join(tenants.tenants)}", flush=True)
     watcher = asyncio.create_task(_watch_health(refresh_health))
+    dispatching = asyncio.create_task(dispatcher.run_forever())
     await wait_for_stop_signal()
     scheduler.accepting = False
     watcher.cancel()
+    dispatching.cancel()
     await server.stop(grace=30.0)
 
 

@@ -38,9 +38,13 @@ class WorkerInfo:
     pending_requests: int = 0
     pending_blocks: int = 0
     pending_prompt_tokens: int = 0
+    awaiting_heartbeat: list = field(default_factory=list)  # Assignments started, not yet reported
 
     def age(self, now: float) -> float:
         return now - self.last_heartbeat
+
+
+HEARTBEAT_SKEW_S = 0.005
 
 
 class WorkerRegistry:
@@ -54,20 +58,30 @@ class WorkerRegistry:
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
         if not worker_id or not address:
             raise InvalidRequestError("worker_id and address are required", "worker_id")
-        info = WorkerInfo(worker_id, role, address, tp_size or 1, metrics_address, load)
-        old = self.workers.get(worker_id)
-        if old is not None:  # a re-registration keeps what this scheduler has in flight there
-            info.pending_requests, info.pending_blocks = old.pending_requests, old.pending_blocks
-            info.pending_prompt_tokens = old.pending_prompt_tokens
-        self.workers[worker_id] = info
+        info = self.workers.get(worker_id)
+        if info is None:
+            info = self.workers[worker_id] = WorkerInfo(worker_id, role, address)
+        # Updated in place: requests in flight hold this object and settle against it.
+        info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
+        info.down_until = 0.0
+        self._report(info, load)
         return info
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> None:
         info = self.workers.get(worker_id)
         if info is None:
             raise NotFoundError(f"worker {worker_id!r} is not registered")
+        self._report(info, load)
+
+    def _report(self, info: WorkerInfo, load: WorkerLoad) -> None:
+        now = time.monotonic()
         info.load = load
-        info.last_heartbeat = time.monotonic()
+        info.last_heartbeat = now
+        # The snapshot was taken a moment before it arrived; requests started well before now are in it.
+        reported = [a for a in info.awaiting_heartbeat if a.started_at < now - HEARTBEAT_SKEW_S]
+        info.awaiting_heartbeat = [a for a in info.awaiting_heartbeat if a not in reported]
+        for assignment in reported:
+            assignment.settle()
 
     def healthy(self, info: WorkerInfo, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

@@ -30,6 +30,28 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Caps:
+    """Hard limits checked before any worker sees a request (flags of pdmesh scheduler/serve)."""
+
+    max_model_len: int
+    max_prompt_tokens: int
+    max_output_tokens: int
+    default_max_tokens: int
+
+    @staticmethod
+    def resolve(max_model_len: int, max_prompt_tokens: int, max_output_tokens: int,
+                default_max_tokens: int) -> "Caps":
+        """0 means "as large as max_model_len allows"."""
+        most = max_model_len - 1
+        return Caps(max_model_len, min(max_prompt_tokens or most, most), min(max_output_tokens or most, most),
+                    default_max_tokens)
+
+    def describe(self) -> str:
+        return (f"max-model-len {self.max_model_len:,}, max-prompt-tokens {self.max_prompt_tokens:,}, "
+                f"max-output-tokens {self.max_output_tokens:,}, default max_tokens {self.default_max_tokens:,}")
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationSpec:
     request_id: str
     prompt_ids: list[int]
@@ -71,8 +93,8 @@ def check_model(model: ModelInfo, name: str) -> None:
         raise NotFoundError(f"model {name[:100]!r} is not served here; this cluster serves {model.name!r}")
 
 
-def build_spec(pb, model: ModelInfo, default_max_tokens: int) -> GenerationSpec:
-    """From a scheduler_pb2.GenerateRequest."""
+def build_spec(pb, model: ModelInfo, caps: Caps) -> GenerationSpec:
+    """From a scheduler_pb2.GenerateRequest: every cap checked, the prompt tokenized."""
     check_model(model, pb.model)
     if len(pb.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(f"request_id has {len(pb.request_id)} characters; the limit is "
@@ -81,24 +103,33 @@ def build_spec(pb, model: ModelInfo, default_max_tokens: int) -> GenerationSpec:
     prompt_ids = prompt_ids_from(model, pb.prompt, pb.messages, pb.prompt_token_ids)
     if not prompt_ids:
         raise InvalidRequestError("prompt is empty after tokenization", "prompt")
-    room = model.max_model_len - len(prompt_ids)
-    if room < 1:
-        raise InvalidRequestError(f"prompt has {len(prompt_ids):,} tokens; max-model-len is "
-                                  f"{model.max_model_len:,}", "prompt")
-    if pb.HasField("max_tokens"):
-        max_tokens = pb.max_tokens
-        if max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens is {max_tokens}; it must be at least 1", "max_tokens")
-        if max_tokens > room:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids):,} tokens and max_tokens is {max_tokens:,}: "
-                f"{len(prompt_ids) + max_tokens:,} exceeds max-model-len {model.max_model_len:,}", "max_tokens")
-    else:
-        max_tokens = min(default_max_tokens, room)
+    n = len(prompt_ids)
+    if n > caps.max_prompt_tokens:
+        limit = "max-model-len is" if caps.max_prompt_tokens == caps.max_model_len - 1 else "max-prompt-tokens is"
+        bound = caps.max_model_len if limit.startswith("max-model") else caps.max_prompt_tokens
+        raise InvalidRequestError(f"prompt has {n:,} tokens; {limit} {bound:,}", "prompt")
+    room = caps.max_model_len - n
+    max_tokens = _max_tokens(pb, n, room, caps)
     params = SamplingParams(max_tokens=max_tokens, temperature=pb.temperature,
                             top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
                             seed=pb.seed if pb.HasField("seed") else None, ignore_eos=pb.ignore_eos)
     return GenerationSpec(pb.request_id or uuid.uuid4().hex, prompt_ids, params, tuple(pb.stop), pb.priority)
+
+
+def _max_tokens(pb, num_prompt: int, room: int, caps: Caps) -> int:
+    if not pb.HasField("max_tokens"):
+        return min(caps.default_max_tokens, caps.max_output_tokens, room)
+    max_tokens = pb.max_tokens
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; it must be at least 1", "max_tokens")
+    if max_tokens > caps.max_output_tokens:
+        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; max-output-tokens is {caps.max_output_tokens:,}",
+                                  "max_tokens")
+    if max_tokens > room:
+        raise InvalidRequestError(
+            f"prompt has {num_prompt:,} tokens and max_tokens is {max_tokens:,}: "
+            f"{num_prompt + max_tokens:,} exceeds max-model-len {caps.max_model_len:,}", "max_tokens")
+    return max_tokens
 
 
 def _check_stop(stop) -> None:

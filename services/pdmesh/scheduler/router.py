@@ -3,7 +3,7 @@ worker with the least queued prompt tokens."""
 
 from __future__ import annotations
 
-from pdmesh.errors import ResourceExhaustedError, UnavailableError
+from pdmesh.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
 from pdmesh.scheduler.registry import WorkerInfo, WorkerRegistry
 
 
@@ -14,28 +14,43 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class Assignment:
     """A request counted against its workers until their own load reports include it.
 
-    Counted from routing until the first token: by then the decode worker holds the request's
-    reservation and the prefill is done, so the next heartbeats show them.
+    The prefill worker's share (queued prompt tokens) ends with the first token. The decode
+    worker's blocks stay counted until a heartbeat that was sent after the request started there:
+    only that heartbeat's free-block count includes the reservation, so nothing is admitted twice
+    onto the same blocks.
     """
 
     def __init__(self, decode: WorkerInfo, prefill: WorkerInfo | None, num_prompt_tokens: int, num_tokens: int):
         self.decode, self.prefill = decode, prefill
         self.blocks = blocks_for(num_tokens, decode.load.block_size)
         self.prompt_tokens = num_prompt_tokens if prefill is not None else 0
-        self.open = True
+        self.counted_blocks = self.counted_prompt = True
+        self.started_at: float | None = None
         decode.pending_requests += 1
         decode.pending_blocks += self.blocks
         if prefill is not None:
             prefill.pending_prompt_tokens += self.prompt_tokens
 
+    def start(self, now: float) -> None:
+        """The first token arrived: the prefill is done and the decode worker holds the blocks."""
+        self._release_prompt()
+        if self.started_at is None and self.counted_blocks:
+            self.started_at = now
+            self.decode.awaiting_heartbeat.append(self)
+
     def settle(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        self.decode.pending_requests -= 1
-        self.decode.pending_blocks -= self.blocks
-        if self.prefill is not None:
-            self.prefill.pending_prompt_tokens -= self.prompt_tokens
+        """Stop counting at once (the request never started, or its worker reported it)."""
+        self._release_prompt()
+        if self.counted_blocks:
+            self.counted_blocks = False
+            self.decode.pending_requests -= 1
+            self.decode.pending_blocks -= self.blocks
+
+    def _release_prompt(self) -> None:
+        if self.counted_prompt:
+            self.counted_prompt = False
+            if self.prefill is not None:
+                self.prefill.pending_prompt_tokens -= self.prompt_tokens
 
 
 class Router:
@@ -47,6 +62,10 @@ class Router:
         candidates = [w for w in self.registry.routable("decode") if w.worker_id not in exclude]
         if not candidates:
             raise UnavailableError("no healthy decode worker is registered")
+        if all(w.load.kv_blocks_total < blocks_for(num_tokens, w.load.block_size) for w in candidates):
+            most = max(w.load.kv_blocks_total * w.load.block_size for w in candidates)
+            raise InvalidRequestError(f"prompt + max_tokens is {num_tokens:,} tokens; the largest decode worker's "
+                                      f"KV cache holds {most:,}", "max_tokens")
         fits = [w for w in candidates if free_blocks(w) >= blocks_for(num_tokens, w.load.block_size)]
         if not fits:
             best = max(free_blocks(w) for w in candidates)

@@ -5,32 +5,43 @@ from __future__ import annotations
 import time
 
 from pdmesh import metrics
-from pdmesh.errors import UnavailableError
+from pdmesh.errors import PdmeshError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
-from pdmesh.scheduler.request_spec import ModelInfo, build_spec, check_model, prompt_ids_from
+from pdmesh.scheduler.admission_control import AdmissionControl
+from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_model, prompt_ids_from
 from pdmesh.scheduler.stream import MeshStream
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, model: ModelInfo, registry: WorkerRegistry, stream: MeshStream, default_max_tokens: int):
+    def __init__(self, model: ModelInfo, caps: Caps, registry: WorkerRegistry, admission: AdmissionControl,
+                 stream: MeshStream):
         self.model = model
+        self.caps = caps
         self.registry = registry
+        self.admission = admission
         self.stream = stream
-        self.default_max_tokens = default_max_tokens
         self.running = 0
         self.accepting = True
 
     async def Generate(self, request, context):
+        arrived = time.perf_counter()
         if not self.accepting:
             raise UnavailableError("the scheduler is shutting down")
-        spec = build_spec(request, self.model, self.default_max_tokens)
+        tenant = self.admission.authenticate(_authorization(context))
+        try:
+            spec = build_spec(request, self.model, self.caps)
+        except PdmeshError:
+            metrics.REJECTIONS.labels(reason="invalid").inc()
+            raise
+        assignment = await self.admission.admit(spec, tenant, context.time_remaining())
         self.running += 1
         metrics.RUNNING.set(self.running)
-        outcome = "error"
+        metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
+        outcome, generated = "error", 0
         try:
-            metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
-            async for delta in self.stream.run(spec, context.time_remaining()):
+            async for delta in self.stream.run(spec, assignment, arrived, context.time_remaining()):
+                generated += len(delta.token_ids)
                 response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
                                                           finish_reason=delta.finish_reason,
                                                           request_id=spec.request_id)
@@ -42,6 +53,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             if outcome == "error" and context.cancelled():
                 outcome = "cancelled"
+            self.admission.finish(tenant, spec.params.max_tokens - generated)
             metrics.REQUESTS.labels(outcome=outcome).inc()
             self.running -= 1
             metrics.RUNNING.set(self.running)
@@ -68,7 +80,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
                 tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
                 metrics_address=w.metrics_address, requests_total=w.load.requests_total))
-        return scheduler_pb2.ClusterStatus(workers=workers, running=self.running, queued=0)
+        return scheduler_pb2.ClusterStatus(workers=workers, running=self.running,
+                                           queued=self.admission.dispatcher.queue.num_requests)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -86,6 +99,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Heartbeat(self, request, context):
         self.registry.heartbeat(request.worker_id, load_from_pb(request.load))
         return registry_pb2.HeartbeatResponse()
+
+
+def _authorization(context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 def load_from_pb(pb) -> WorkerLoad:

@@ -19,7 +19,8 @@ from pdmesh.errors import (DeadlineError, InvalidRequestError, PdmeshError, Reso
                            UnavailableError)
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from pdmesh.scheduler.request_spec import GenerationSpec, ModelInfo
-from pdmesh.scheduler.router import Assignment, Router
+from pdmesh.scheduler.registry import WorkerRegistry
+from pdmesh.scheduler.router import Assignment
 from pdmesh.scheduler.stop_strings import StopStringMatcher
 from pdmesh.worker.convert import sampling_to_pb
 
@@ -48,18 +49,15 @@ class WorkerClients:
 
 
 class MeshStream:
-    def __init__(self, model: ModelInfo, router: Router, clients: WorkerClients, local_prefill_threshold: int):
+    def __init__(self, model: ModelInfo, registry: WorkerRegistry, clients: WorkerClients):
         self.model = model
-        self.router = router
+        self.registry = registry
         self.clients = clients
-        self.local_prefill_threshold = local_prefill_threshold
 
-    async def run(self, spec: GenerationSpec, timeout_s: float | None) -> AsyncIterator[Delta]:
-        arrived = time.perf_counter()
-        decode = self.router.pick_decode(spec.num_tokens)
-        local = len(spec.prompt_ids) < self.local_prefill_threshold
-        prefill = None if local else self.router.pick_prefill()
-        assignment = Assignment(decode, prefill, len(spec.prompt_ids), spec.num_tokens)
+    async def run(self, spec: GenerationSpec, assignment: Assignment, arrived: float,
+                  timeout_s: float | None) -> AsyncIterator[Delta]:
+        """Stream one admitted request on the workers of its assignment. arrived: perf_counter()."""
+        decode, prefill = assignment.decode, assignment.prefill
         call = self.clients.decode(decode.address).Generate(decode_pb2.DecodeRequest(
             request_id=spec.request_id, prompt_token_ids=spec.prompt_ids, sampling=sampling_to_pb(spec.params),
             prefill_address=prefill.address if prefill else ""), timeout=timeout_s)
@@ -69,8 +67,9 @@ class MeshStream:
         last = None
         try:
             async for chunk in call:
-                assignment.settle()
                 now = time.perf_counter()
+                if last is None:
+                    assignment.start(time.monotonic())
                 metrics.INTER_TOKEN_LATENCY.observe(now - last) if last else metrics.TIME_TO_FIRST_TOKEN.observe(now - arrived)
                 last = now
                 completion += len(chunk.token_ids)
@@ -86,10 +85,11 @@ class MeshStream:
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.router.registry.mark_down(decode.worker_id, 2.0)
+                self.registry.mark_down(decode.worker_id, 2.0)
             raise worker_error(exc, decode.address) from exc
         finally:
-            assignment.settle()
+            if last is None:  # never started on the worker: stop counting it there now
+                assignment.settle()
             call.cancel()
         raise UnavailableError(f"decode worker {decode.address} ended the stream without a finish reason")
 

@@ -11,6 +11,7 @@ from pdmesh import metrics
 from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.echo_model import EchoModel, echo_config
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
 from pdmesh.worker.convert import layout_to_pb
@@ -28,9 +29,13 @@ def apply_cpu_placement(cpu: CpuPlacement) -> None:
 def start_engine(config: WorkerConfig) -> AsyncEngine:
     apply_cpu_placement(config.cpu)
     checkpoint = load_checkpoint(config.model, log=log.info)
-    engine = LLMEngine(checkpoint.config, checkpoint.weights, config.engine)
+    if config.engine_kind == "echo":
+        model_config = echo_config(checkpoint.config)
+        engine = LLMEngine(model_config, {}, config.engine, model=EchoModel(model_config, config.echo_step_delay_s))
+    else:
+        engine = LLMEngine(checkpoint.config, checkpoint.weights, config.engine)
     log.info("%s worker: %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
-             checkpoint.config.name, engine.num_total_blocks, config.engine.block_size,
+             engine.model_config.name, engine.num_total_blocks, config.engine.block_size,
              torch.get_num_threads(), os.nice(0))
     return AsyncEngine(engine)
 

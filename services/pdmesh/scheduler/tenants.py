@@ -1,0 +1,123 @@
+"""Tenants: API keys mapped to rate limits, from a TOML file.
+
+    # tenants.toml
+    [tenants.acme]
+    api_keys = ["acme-key-1", "acme-key-2"]
+    requests_per_s = 20        # token bucket on requests
+    tokens_per_s = 20000       # token bucket on prompt + max_tokens (unused output is refunded)
+    burst_s = 2                # bucket size, in seconds of rate (default 1)
+
+With no file, every request belongs to one anonymous tenant without limits. With a file, a request
+must carry `authorization: Bearer <key>` of a listed key (else UNAUTHENTICATED).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pdmesh.errors import InvalidRequestError, ResourceExhaustedError, UnauthenticatedError
+from pdmesh.scheduler.token_bucket import TokenBucket
+
+ANONYMOUS = "anonymous"
+
+
+class RateLimitedError(ResourceExhaustedError):
+    rejection_reason = "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    name: str
+    api_keys: tuple[str, ...] = ()
+    requests_per_s: float = 0.0  # 0: unlimited
+    tokens_per_s: float = 0.0  # 0: unlimited
+    burst_s: float = 1.0
+
+    def __post_init__(self):
+        if self.requests_per_s < 0 or self.tokens_per_s < 0 or self.burst_s <= 0:
+            raise InvalidRequestError(f"tenant {self.name!r}: rates must be >= 0 and burst_s > 0")
+
+
+@dataclass
+class Tenant:
+    limits: TenantLimits
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+    served_tokens: float = 0.0  # for fair sharing in the queue
+
+    @property
+    def name(self) -> str:
+        return self.limits.name
+
+
+def load_tenants_file(path: str | Path) -> list[TenantLimits]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidRequestError(f"tenants file {path}: {exc}") from exc
+    limits = []
+    for name, t in data.get("tenants", {}).items():
+        unknown = set(t) - {"api_keys", "requests_per_s", "tokens_per_s", "burst_s"}
+        if unknown:
+            raise InvalidRequestError(f"tenants file {path}: tenant {name!r} has unknown keys {sorted(unknown)}")
+        limits.append(TenantLimits(name, tuple(t.get("api_keys", ())), float(t.get("requests_per_s", 0)),
+                                   float(t.get("tokens_per_s", 0)), float(t.get("burst_s", 1.0))))
+    return limits
+
+
+class TenantDirectory:
+    def __init__(self, limits: list[TenantLimits], clock: Callable[[], float] | None = None):
+        self.clock = clock
+        self.tenants: dict[str, Tenant] = {}
+        self.by_key: dict[str, Tenant] = {}
+        for lim in limits or [TenantLimits(ANONYMOUS)]:
+            tenant = Tenant(lim, self._bucket(lim.requests_per_s, lim.burst_s),
+                            self._bucket(lim.tokens_per_s, lim.burst_s))
+            self.tenants[lim.name] = tenant
+            for key in lim.api_keys:
+                if key in self.by_key:
+                    raise InvalidRequestError(f"api key listed for both {self.by_key[key].name!r} and {lim.name!r}")
+                self.by_key[key] = tenant
+        self.keyed = bool(limits)
+
+    def _bucket(self, rate: float, burst_s: float) -> TokenBucket | None:
+        if not rate:
+            return None
+        kwargs = {"clock": self.clock} if self.clock else {}
+        return TokenBucket(rate, max(1.0, rate * burst_s), **kwargs)
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not self.keyed:
+            return self.tenants[ANONYMOUS]
+        if not authorization:
+            raise UnauthenticatedError("missing api key: send metadata 'authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        tenant = self.by_key.get(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise UnauthenticatedError("unknown api key")
+        return tenant
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        """Take one request and `tokens` from the tenant's buckets, or raise RESOURCE_EXHAUSTED."""
+        if tenant.requests is not None:
+            wait = tenant.requests.try_take(1)
+            if wait:
+                raise RateLimitedError(
+                    f"tenant {tenant.name!r} is over its rate of {tenant.limits.requests_per_s:g} requests/s",
+                    retry_after_s=wait)
+        if tenant.tokens is not None:
+            wait = tenant.tokens.try_take(tokens)
+            if wait:
+                if tenant.requests is not None:
+                    tenant.requests.give_back(1)
+                raise RateLimitedError(
+                    f"tenant {tenant.name!r} is over its rate of {tenant.limits.tokens_per_s:g} tokens/s",
+                    retry_after_s=wait)
+
+    def refund(self, tenant: Tenant, tokens: int) -> None:
+        """Give back reserved tokens that were not generated (early stop, error)."""
+        if tenant.tokens is not None and tokens > 0:
+            tenant.tokens.give_back(tokens)
