@@ -80,7 +80,10 @@ class Sequence:
 
     @property
     def num_reserved_tokens(self) -> int:
-        """Tokens reserved up front (prompt + max_tokens), so a running sequence never runs out of KV."""
+        """Tokens reserved up front (prompt + max_tokens), so a running sequence never runs out of KV.
+        A prefill-only sequence never stores more than its prompt."""
+        if self.request.prefill_only:
+            return self.num_prompt_tokens
         return self.num_prompt_tokens + self.params.max_tokens
 
     def finish_reason_after(self, token: int, max_model_len: int) -> str | None:

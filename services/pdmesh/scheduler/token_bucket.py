@@ -7,8 +7,9 @@ from typing import Callable
 
 
 class TokenBucket:
-    """rate units per second, holding at most burst. take() succeeds while the level is positive;
-    the cost is then subtracted even if that leaves the level negative (a debt repaid over time)."""
+    """rate units per second, holding at most burst. A take of `cost` needs min(cost, burst) in the
+    bucket; the whole cost is then subtracted, so a take larger than the burst leaves a debt that
+    is repaid over time instead of never fitting."""
 
     def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
         self.rate = rate
@@ -25,8 +26,9 @@ class TokenBucket:
     def try_take(self, cost: float) -> float:
         """0.0 if taken; otherwise seconds until a take could succeed."""
         self._refill()
-        if self.level <= 0:
-            return (-self.level + 1e-9) / self.rate + 1e-3
+        needed = min(cost, self.burst)
+        if self.level < needed:
+            return (needed - self.level) / self.rate + 1e-3
         self.level -= cost
         return 0.0
 
