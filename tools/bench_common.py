@@ -74,6 +74,33 @@ def peak_rss_mb(include_children: bool = False) -> float:
     return peak / 1024
 
 
+def tree_peak_rss_mb() -> tuple[float, int]:
+    """(sum of the peak RSS (VmHWM) of this process and its live descendants in MiB, how many
+    processes). For engines that run in helper processes (vLLM's engine core); shared pages are
+    counted once per process, so this overstates a multi-process total somewhat."""
+    pids, total_kib = _descendants(os.getpid()), 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total_kib / 1024, len(pids)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                stack += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
 def best_time(run: Callable[[], object], repeats: int) -> tuple[float, object]:
     """(shortest wall time of `repeats` calls of `run`, the result of that call)."""
     best, result = float("inf"), None

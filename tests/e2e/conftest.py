@@ -1,4 +1,10 @@
-"""One real mesh for the e2e tests: scheduler, 1 prefill worker, 2 decode workers, SmolLM2."""
+"""Meshes for the e2e tests, started once per session.
+
+- `mesh`: scheduler, 1 prefill worker, 2 decode workers, SmolLM2.
+- `echo_mesh`: the real scheduler and worker processes with the model replaced by EchoModel at
+  20 ms a step (no compute), 64 decode KV blocks and a queue of 8, so queues fill on purpose and in
+  seconds; tenants from a TOML file.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,49 @@ from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from support.mesh import LOCAL_PREFILL_THRESHOLD, processes_mentioning, start_mesh
 
-
+MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS, MAX_MODEL_LEN = 1000, 1200, 2048
 
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory, smollm2_path):
     log = tmp_path_factory.mktemp("mesh") / "serve.log"
     mesh = start_mesh(log, "--prefill-workers", "1", "--decode-workers", "2", "--kv-cache-gib", "0.25",
-                      "--max-model-len", "2048", "--local-prefill-threshold", str(LOCAL_PREFILL_THRESHOLD))
+                      "--max-model-len", str(MAX_MODEL_LEN), "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
+                      "--max-output-tokens", str(MAX_OUTPUT_TOKENS),
+                      "--local-prefill-threshold", str(LOCAL_PREFILL_THRESHOLD))
     yield mesh
     if mesh.process.poll() is None:
         assert mesh.stop() == 0, log.read_text()[-3000:]
     leftovers = processes_mentioning(mesh.address)
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+ECHO_BLOCK_BYTES = 1 * 2 * 16 * 1 * 1 * 4  # layers x k/v x block tokens x kv heads x head dim x fp32
+TENANTS = """
+[tenants.free]
+api_keys = ["k-free"]
+[tenants.flood]
+api_keys = ["k-flood"]
+[tenants.small]
+api_keys = ["k-small"]
+[tenants.acme]
+api_keys = ["k-acme"]
+requests_per_s = 0.5
+burst_s = 4
+"""
+
+
+@pytest.fixture(scope="session")
+def echo_mesh(tmp_path_factory, smollm2_path):
+    folder = tmp_path_factory.mktemp("echo_mesh")
+    (folder / "tenants.toml").write_text(TENANTS)
+    mesh = start_mesh(folder / "serve.log", "--engine", "echo", "--echo-step-ms", "20",
+                      "--kv-cache-gib", str(64 * ECHO_BLOCK_BYTES / 2**30), "--max-model-len", "512",
+                      "--max-queued-requests", "8", "--default-max-tokens", "8",
+                      "--tenants-file", str(folder / "tenants.toml"))
+    yield mesh
+    assert mesh.stop() == 0
+    assert not processes_mentioning(mesh.address)
 
 
 @pytest.fixture(scope="session")

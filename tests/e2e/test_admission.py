@@ -1,9 +1,4 @@
-"""Admission control end to end, on a mesh of echo workers (the real scheduler, real worker
-processes and KV accounting; the model replaced by EchoModel at 20 ms a step, so queues fill
-on purpose and in seconds).
-
-Decode KV: 64 blocks of 16 tokens; queue: 8 requests.
-"""
+"""Admission control end to end on the echo mesh (see conftest: 64 decode KV blocks, a queue of 8)."""
 
 from __future__ import annotations
 
@@ -17,34 +12,6 @@ import pytest
 
 from pdmesh.client import AsyncPdmeshClient
 from pdmesh.rpc.errors import rich_details
-from support.mesh import processes_mentioning, start_mesh
-
-ECHO_BLOCK_BYTES = 1 * 2 * 16 * 1 * 1 * 4  # layers x k/v x block tokens x kv heads x head dim x fp32
-TENANTS = """
-[tenants.free]
-api_keys = ["k-free"]
-[tenants.flood]
-api_keys = ["k-flood"]
-[tenants.small]
-api_keys = ["k-small"]
-[tenants.acme]
-api_keys = ["k-acme"]
-requests_per_s = 0.5
-burst_s = 4
-"""
-
-
-@pytest.fixture(scope="module")
-def echo_mesh(tmp_path_factory, smollm2_path):
-    folder = tmp_path_factory.mktemp("echo_mesh")
-    (folder / "tenants.toml").write_text(TENANTS)
-    mesh = start_mesh(folder / "serve.log", "--engine", "echo", "--echo-step-ms", "20",
-                      "--kv-cache-gib", str(64 * ECHO_BLOCK_BYTES / 2**30), "--max-model-len", "512",
-                      "--max-queued-requests", "8", "--tenants-file", str(folder / "tenants.toml"))
-    yield mesh
-    assert mesh.stop() == 0
-    assert not processes_mentioning(mesh.address)
-
 
 def client(mesh, key="k-free", **kwargs) -> AsyncPdmeshClient:
     return AsyncPdmeshClient(mesh.address, api_key=key, retries=0, **kwargs)

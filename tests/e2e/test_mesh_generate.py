@@ -139,7 +139,7 @@ def test_bad_requests_get_clear_errors_and_the_mesh_stays_up(mesh):
         with pytest.raises(grpc.RpcError) as err:
             client.generate(prompt_token_ids=[5] * 2048, max_tokens=1)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "2,048 tokens; max-model-len is 2,048" in err.value.details()
+        assert "prompt has 2,048 tokens; max-prompt-tokens is 1,000" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             client.generate(prompt="hi", model="gpt-9")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

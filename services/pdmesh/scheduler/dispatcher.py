@@ -13,6 +13,7 @@ from pdmesh.scheduler.router import Assignment, Router
 
 log = logging.getLogger(__name__)
 POLL_S = 0.02  # capacity also frees up by heartbeat; re-check this often even when not woken
+DEADLINE_MARGIN_S = 0.1
 
 
 class Dispatcher:
@@ -36,8 +37,10 @@ class Dispatcher:
             raise
         self._publish_depth()
         self.wake.set()
+        # Give up a moment before the client does, so it hears why rather than a bare deadline.
+        wait_s = None if timeout_s is None else max(0.0, timeout_s - DEADLINE_MARGIN_S)
         try:
-            return await asyncio.wait_for(asyncio.shield(ticket.outcome), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(ticket.outcome), wait_s)
         except BaseException as exc:  # deadline or cancel: an assignment made meanwhile goes unused
             if self.queue.remove(ticket):
                 self._publish_depth()
