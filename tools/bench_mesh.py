@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import itertools
 import math
@@ -89,6 +90,17 @@ def mesh_streamer(client: AsyncPdmeshClient):
     return stream
 
 
+async def all_done(aws, timeout_s: float) -> list:
+    """Results of coroutines or tasks run together; past timeout_s (or on cancel) none is left running."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        async with asyncio.timeout(timeout_s):
+            return [await t for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 async def timed(streamer, ids, max_tokens, out: list | None = None) -> list[tuple[float, int]]:
     out = [] if out is None else out
     async with aclosing(streamer(ids, max_tokens)) as chunks:
@@ -104,7 +116,7 @@ async def throughput(streamer, prompts: list[list[int]], max_tokens: int, reps: 
     rates = []
     for _ in range(reps):
         start = now()
-        runs = await asyncio.wait_for(asyncio.gather(*(timed(streamer, p, max_tokens) for p in prompts)), 300)
+        runs = await all_done([timed(streamer, p, max_tokens) for p in prompts], 300)
         tokens = sum(n for run in runs for _, n in run)
         if tokens != len(prompts) * max_tokens:
             log(f"  warning: {tokens} tokens, expected {len(prompts) * max_tokens}")
@@ -178,7 +190,7 @@ async def itl_scenario(streamer, stream_prompts, longs, c: Counts, undisturbed_s
             arrivals.append(asyncio.create_task(_first_token_s(streamer, ids, long_tokens)))
             if k < len(longs) - 1:
                 await asyncio.sleep(c.interval_s)
-        ttfts = await asyncio.wait_for(asyncio.gather(*arrivals), 120 + 30 * len(longs))
+        ttfts = await all_done(arrivals, 120 + 30 * len(longs))
         long_hi = now()
     finally:
         for task in slots + arrivals:
@@ -192,7 +204,6 @@ async def itl_scenario(streamer, stream_prompts, longs, c: Counts, undisturbed_s
 
 # -- parts 3 and 4: the decode worker called directly ------------------------------------------------
 
-
 def _direct(stub, ids, max_tokens, prefill_address):
     return stub.Generate(decode_pb2.DecodeRequest(
         request_id=f"bench-{os.getpid()}-{next(_request_ids)}", prompt_token_ids=ids, prefill_address=prefill_address,
@@ -201,12 +212,9 @@ def _direct(stub, ids, max_tokens, prefill_address):
 
 def _ttft(chunks) -> tuple[float, object]:
     """(seconds to the first chunk, that chunk); chunks is a callable starting the streaming call."""
-    start = now()
-    stream = iter(chunks())
-    first = next(stream)
-    elapsed = now() - start
-    for _ in stream:
-        pass
+    start, stream = now(), iter(chunks())
+    first, elapsed = next(stream), now() - start
+    collections.deque(stream, maxlen=0)  # the rest of the stream
     return elapsed, first
 
 
@@ -218,14 +226,10 @@ def decode_stub(mesh: Mesh):
 
 
 def scheduler_overhead(mesh: Mesh, ids: list[int], n: int) -> list[list]:
-    via, direct = [], []
     with decode_stub(mesh) as (stub, prefill), PdmeshClient(mesh.address) as client:
-        for i in range(n + 3):  # interleaved, so drifting machine load hits both alike; 3 warm-ups
-            a = _ttft(lambda: client.stream(prompt_token_ids=ids, max_tokens=1, ignore_eos=True))[0]
-            b = _ttft(lambda: _direct(stub, ids, 1, prefill))[0]
-            if i >= 3:
-                via.append(a)
-                direct.append(b)
+        pairs = [(_ttft(lambda: client.stream(prompt_token_ids=ids, max_tokens=1, ignore_eos=True))[0],
+                  _ttft(lambda: _direct(stub, ids, 1, prefill))[0]) for _ in range(n + 3)]
+    via, direct = [p[0] for p in pairs[3:]], [p[1] for p in pairs[3:]]  # interleaved; 3 warm-ups
     return [["via scheduler", ms(pct(via, 0.5)), ms(pct(via, 0.9))],
             ["decode worker direct", ms(pct(direct, 0.5)), ms(pct(direct, 0.9))],
             ["difference", ms(statistics.median(via) - statistics.median(direct)), None]]

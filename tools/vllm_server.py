@@ -26,6 +26,8 @@ from typing import AsyncIterator, Iterator
 
 VLLM_PYTHON = "/opt/vllm-venv/bin/python"
 HF_DIR = Path.home() / ".cache" / "pdmesh" / "hf-smollm2"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never a proxy
+
 
 def export_hf_folder(target: Path = HF_DIR, log=print) -> Path:
     """The default model dequantized into a float32 HF folder (bench_engine's export, in a child so
@@ -54,7 +56,7 @@ class VllmServer:
 
 def _healthy(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        with _NO_PROXY.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

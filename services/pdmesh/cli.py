@@ -34,6 +34,8 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nice", type=int, default=0, help="OS scheduling priority increment")
     p.add_argument("--kv-timeout", type=float, default=10.0, help="seconds any KV hand-off wait may take")
     p.add_argument("--held-kv-ttl", type=float, default=30.0, help="prefill: free unpulled KV after this long")
+    p.add_argument("--prefill-timeout", type=float, default=30.0,
+                   help="decode: seconds to wait for one prefill worker before trying the next")
     _engine_flags(p)
 
 
@@ -87,7 +89,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(role=args.command, scheduler_address=args.scheduler, model=args.model, host=args.host,
                         port=args.port, metrics_port=args.metrics_port, worker_id=args.worker_id, engine=engine,
                         engine_kind=args.engine, echo_step_delay_s=args.echo_step_ms / 1000, cpu=CpuPlacement(args.threads, args.nice), kv_timeout_s=args.kv_timeout,
-                        held_kv_ttl_s=args.held_kv_ttl)
+                        held_kv_ttl_s=args.held_kv_ttl, prefill_timeout_s=args.prefill_timeout)
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:

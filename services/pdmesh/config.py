@@ -40,6 +40,7 @@ class WorkerConfig:
     cpu: CpuPlacement = field(default_factory=CpuPlacement)
     kv_timeout_s: float = 10.0  # every wait of a KV hand-off
     held_kv_ttl_s: float = 30.0  # prefill: free a prompt's KV nobody pulled after this long
+    prefill_timeout_s: float = 30.0  # decode: give up on one prefill worker after this long
     heartbeat_interval_s: float = 1.0
 
     def __post_init__(self):
@@ -47,7 +48,7 @@ class WorkerConfig:
             raise InvalidRequestError(f"engine must be one of {ENGINES}, got {self.engine_kind!r}", "engine")
         if self.role not in ROLES:
             raise InvalidRequestError(f"role must be one of {ROLES}, got {self.role!r}", "role")
-        for name in ("kv_timeout_s", "held_kv_ttl_s", "heartbeat_interval_s"):
+        for name in ("kv_timeout_s", "held_kv_ttl_s", "prefill_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}", name)
 

@@ -28,6 +28,16 @@ QUEUE_DEPTH = Gauge("pdmesh_queue_depth", "Requests in the admission queue, by p
 ADMITTED_TOKENS = Counter("pdmesh_admitted_tokens_total", "prompt + max_tokens of admitted requests")
 REJECTED_TOKENS = Counter("pdmesh_rejected_tokens_total", "prompt + max_tokens of refused requests")
 
+WORKER_STATE_CHANGES = Counter("pdmesh_worker_state_changes_total",
+                               "Workers leaving (down) or rejoining (up) the routing set", ["state"])
+DETECTION_SECONDS = Histogram("pdmesh_worker_failure_detection_seconds",
+                              "From a worker's last sign of life to its leaving routing",
+                              buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30))
+RETRIES = Counter("pdmesh_request_retries_total",
+                  "Requests sent again elsewhere before their first token, by the failed role", ["role"])
+RESUMED_STREAMS = Counter("pdmesh_resumed_streams_total",
+                          "Streams resumed on another decode worker after tokens had been sent")
+
 # every service
 RUNNING = Gauge("pdmesh_requests_running", "Requests running")
 QUEUED = Gauge("pdmesh_requests_queued", "Requests waiting")
@@ -42,6 +52,11 @@ HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from p
 HANDOFF_SECONDS = Histogram("pdmesh_kv_handoff_seconds", "Time of one KV hand-off",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 HANDOFF_FAILURES = Counter("pdmesh_kv_handoff_failures_total", "KV hand-offs that failed")
+PREFILL_FALLBACKS = Counter("pdmesh_prefill_fallbacks_total",
+                            "Prefills moved to another prefill worker or to the decode worker, by target",
+                            ["target"])
+KV_RECLAIMED = Counter("pdmesh_kv_blocks_reclaimed_total",
+                       "KV blocks of held prompts nobody pulled, freed after the TTL")
 PREFILL_SECONDS = Histogram("pdmesh_prefill_seconds", "Time to prefill one prompt on a worker",
                             buckets=_LATENCY_BUCKETS)
 

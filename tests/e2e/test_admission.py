@@ -118,7 +118,7 @@ def test_tenant_keys_and_rate_limits(echo_mesh):
     assert [code for code, _ in strangers] == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
     limited = next(detail for code, detail in burst if code != "OK")
     assert "tenant 'acme' is over its rate of 0.5 requests/s" in limited.details()
-    assert 0 < rich_details(limited)["retry_delay_s"] <= 2.0
+    assert 0 < rich_details(limited)["retry_delay_s"] <= 2.1  # one request at 0.5/s
     wait_idle(echo_mesh)
 
 

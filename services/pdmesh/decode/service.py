@@ -20,14 +20,13 @@ class DecodeWorkerServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if self.state.draining:
             raise UnavailableError(f"decode worker {self.state.worker_id} is draining")
         self.state.requests_total += 1
+        addresses = [a for a in (request.prefill_address, *request.fallback_prefill_addresses) if a]
         chunks = self.stream.run(request.request_id, list(request.prompt_token_ids),
-                                 sampling_from_pb(request.sampling), request.prefill_address,
+                                 sampling_from_pb(request.sampling), addresses, request.output_offset,
                                  context.time_remaining())
         async with contextlib.aclosing(chunks):  # a cancelled call frees the request's blocks now
             async for chunk in chunks:
                 yield chunk
 
     async def Drain(self, request, context):
-        self.state.draining = True
-        running, _ = self.state.engine.engine.load()
-        return worker_pb2.DrainResponse(running=running)
+        return worker_pb2.DrainResponse(running=self.state.request_drain())

@@ -7,16 +7,19 @@ frees the reservation here and the held KV on the prefill worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
 
 from pdmesh import metrics
+from pdmesh.rpc.channels import internal_channel
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
-from pdmesh.errors import EngineError
+from pdmesh.errors import DeadlineError, EngineError
 from pdmesh.gen.pdmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.kvtransfer.channel import TransferError
@@ -35,7 +38,7 @@ class PrefillClients:
     def get(self, address: str) -> prefill_pb2_grpc.PrefillWorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = internal_channel(address)
             self._channels.append(channel)
             stub = self._stubs[address] = prefill_pb2_grpc.PrefillWorkerStub(channel)
         return stub
@@ -46,23 +49,24 @@ class PrefillClients:
 
 
 class DecodeStream:
-    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, clients: PrefillClients):
+    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, clients: PrefillClients, prefill_timeout_s: float):
         self.engine = engine
         self.receiver = receiver
         self.clients = clients
+        self.prefill_timeout_s = prefill_timeout_s
 
-    async def run(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_address: str,
-                  timeout_s: float | None) -> AsyncIterator[decode_pb2.DecodeChunk]:
+    async def run(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_addresses: list[str],
+                  output_offset: int, timeout_s: float | None) -> AsyncIterator[decode_pb2.DecodeChunk]:
+        """prefill_addresses: prefill workers to try in order; after them (or with none) prefill here."""
         self.engine.engine.validate(prompt, params.max_tokens)
         self.engine.reserve(request_id, len(prompt) + params.max_tokens)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            info = decode_pb2.PrefillInfo(mode="local")
-            request = EngineRequest(request_id, prompt, params)
-            if prefill_address:
-                request, info, last = await self._remote_prefill(request, prefill_address, timeout_s)
-                if last is not None:
-                    yield last
-                    return
+            request = EngineRequest(request_id, prompt, params, output_offset=output_offset)
+            request, info, last = await self._prefill(request, prefill_addresses, deadline)
+            if last is not None:
+                yield last
+                return
             first = True
             async for output in self.engine.generate(request):
                 if output.finish_reason == "error":
@@ -77,17 +81,36 @@ class DecodeStream:
         finally:
             self.engine.release_reservation(request_id)
 
-    async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float | None):
+    async def _prefill(self, request: EngineRequest, addresses: list[str], deadline: float | None):
+        """Try each prefill worker in turn; if all fail, the engine here prefills (mode "local")."""
+        for i, address in enumerate(addresses):
+            try:
+                return await self._remote_prefill(request, address, self._attempt_timeout(deadline))
+            except TransferError as exc:
+                target = "next_prefill" if i + 1 < len(addresses) else "local"
+                metrics.PREFILL_FALLBACKS.labels(target=target).inc()
+                log.warning("request %s: %s; trying %s", request.request_id, exc,
+                            addresses[i + 1] if i + 1 < len(addresses) else "a local prefill")
+        return request, decode_pb2.PrefillInfo(mode="local"), None
+
+    def _attempt_timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.prefill_timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineError("the request's deadline passed before its prefill")
+        return min(left, self.prefill_timeout_s)
+
+    async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float):
         """(engine request carrying the KV, prefill info, final chunk if the first token ends it)."""
         stub = self.clients.get(address)
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
-                                        sampling=sampling_to_pb(request.params),
+                                        sampling=sampling_to_pb(request.params), output_offset=request.output_offset,
                                         layout=layout_to_pb(self.receiver.layout))
         try:
             result = await stub.Prefill(pb, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise TransferError(f"prefill of {request.request_id} on {address} failed: "
-                                f"{exc.code().name}: {exc.details()}") from exc
+            raise TransferError(f"prefill on {address} failed: {exc.code().name}: {exc.details()}") from exc
         info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds)
         if result.finish_reason:
             chunk = decode_pb2.DecodeChunk(token_ids=[result.first_token], finish_reason=result.finish_reason,
@@ -99,7 +122,7 @@ class DecodeStream:
         except BaseException:
             await self._release_remote(stub, request.request_id)
             raise
-        request.kv, request.first_token = kv, result.first_token
+        request = dataclasses.replace(request, kv=kv, first_token=result.first_token)
         return request, info, None
 
     async def _release_remote(self, stub: prefill_pb2_grpc.PrefillWorkerStub, request_id: str) -> None:

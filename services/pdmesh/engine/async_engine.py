@@ -60,7 +60,7 @@ class AsyncEngine:
         """A held prompt's KV: [layers, 2, tokens, local kv heads, head_dim]."""
         return self.engine.export_kv(request_id)
 
-    def release_held(self, request_id: str) -> bool:
+    def release_held(self, request_id: str) -> int:
         return self.engine.release_held(request_id)
 
     def abort(self, request_id: str) -> None:

@@ -117,12 +117,15 @@ class LLMEngine:
                 raise EngineError(f"request {request_id!r} holds no prefilled KV")
             return self.cache.export(seq.block_ids, seq.num_prompt_tokens)
 
-    def release_held(self, request_id: str) -> bool:
+    def release_held(self, request_id: str) -> int:
+        """Free a held prompt's KV; returns the number of blocks freed (0: nothing was held)."""
         with self.lock:
             seq = self.scheduler.held.get(request_id)
-            if seq is not None:
-                self._retire(seq)
-            return seq is not None
+            if seq is None:
+                return 0
+            freed = len(seq.block_ids)
+            self._retire(seq)
+            return freed
 
     # -- the engine thread -----------------------------------------------------------------
 
@@ -186,7 +189,7 @@ class LLMEngine:
         logits = self.model.forward(torch.tensor(ids), torch.tensor(positions), batch, self.cache,
                                     torch.tensor(rows))
         seqs = step.prefill + step.decode
-        return sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        return sample(logits, [s.params for s in seqs], [s.request.output_offset + len(s.output_ids) for s in seqs])
 
     def _append(self, seq: Sequence, token: int) -> EngineOutput:
         seq.output_ids.append(token)

@@ -33,6 +33,7 @@ class EngineRequest:
     prefill_only: bool = False
     kv: torch.Tensor | None = None  # [layers, 2, prompt tokens, local kv heads, head_dim]
     first_token: int | None = None
+    output_offset: int = 0  # output tokens before this request's (a resumed stream): seeds continue
 
 
 @dataclass(slots=True)

@@ -38,7 +38,8 @@ class KVSender:
     def hold(self, request_id: str) -> None:
         self.held[request_id] = time.monotonic()
 
-    def release(self, request_id: str) -> bool:
+    def release(self, request_id: str) -> int:
+        """Free a held prompt's KV; returns the blocks freed."""
         self.held.pop(request_id, None)
         return self.engine.release_held(request_id)
 
@@ -70,6 +71,8 @@ class KVSender:
             await asyncio.sleep(min(1.0, self.ttl_s / 2))
             deadline = time.monotonic() - self.ttl_s
             for request_id in [r for r, t in self.held.items() if t < deadline]:
-                if self.release(request_id):
+                freed = self.release(request_id)
+                if freed:
                     self.num_expired += 1
+                    metrics.KV_RECLAIMED.inc(freed)
                     log.warning("released KV of %s: not pulled within %.0fs", request_id, self.ttl_s)

@@ -40,7 +40,8 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         self.state.queued_prompt_tokens += len(prompt)
         try:
             output = await self.engine.prefill(
-                EngineRequest(request.request_id, prompt, sampling_from_pb(request.sampling)))
+                EngineRequest(request.request_id, prompt, sampling_from_pb(request.sampling),
+                              output_offset=request.output_offset))
         finally:
             self.state.queued_prompt_tokens -= len(prompt)
         seconds = time.perf_counter() - start
@@ -59,9 +60,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         return prefill_pb2.TransferDone(bytes=nbytes, seconds=seconds)
 
     async def ReleaseKV(self, request, context):
-        return prefill_pb2.ReleaseKVResponse(released=self.sender.release(request.request_id))
+        return prefill_pb2.ReleaseKVResponse(released=self.sender.release(request.request_id) > 0)
 
     async def Drain(self, request, context):
-        self.state.draining = True
-        running, _ = self.engine.engine.load()
-        return worker_pb2.DrainResponse(running=running)
+        return worker_pb2.DrainResponse(running=self.state.request_drain())

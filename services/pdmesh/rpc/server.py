@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh.rpc.channels import SERVER_OPTIONS
 from pdmesh.rpc.errors import ErrorInterceptor
 from pdmesh.rpc.signals import wait_for_stop_signal
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # gRPC sets SO_REUSEPORT by default, so a second server on a busy port would silently share it
 # (and its traffic) instead of failing; pdmesh wants one process per port.
-DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0), *SERVER_OPTIONS)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

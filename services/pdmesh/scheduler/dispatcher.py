@@ -14,6 +14,7 @@ from pdmesh.scheduler.router import Assignment, Router
 log = logging.getLogger(__name__)
 POLL_S = 0.02  # capacity also frees up by heartbeat; re-check this often even when not woken
 DEADLINE_MARGIN_S = 0.1
+UNAVAILABLE_GRACE_S = 3.0  # with no routable worker, a request waits this long before UNAVAILABLE
 
 
 class Dispatcher:
@@ -75,7 +76,13 @@ class Dispatcher:
                     prefill = self.router.pick_prefill()
             except ResourceExhaustedError:
                 return  # the head waits for KV blocks; strict order means everyone behind it waits too
-            except (UnavailableError, InvalidRequestError) as exc:  # would never run: say so now
+            except UnavailableError as exc:
+                if time.monotonic() - ticket.arrival < UNAVAILABLE_GRACE_S:
+                    return  # workers may be back in a moment (a restart, a missed probe): wait a little
+                self.queue.remove(ticket)
+                fail(ticket, exc)
+                continue
+            except InvalidRequestError as exc:  # would never fit any worker: say so now
                 self.queue.remove(ticket)
                 fail(ticket, exc)
                 continue

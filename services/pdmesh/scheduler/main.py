@@ -14,6 +14,7 @@ from pdmesh.rpc.signals import wait_for_stop_signal
 from pdmesh.scheduler.admission import AdmissionConfig, AdmissionQueue
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.dispatcher import Dispatcher
+from pdmesh.scheduler.health_prober import HealthProber
 from pdmesh.scheduler.registry import WorkerRegistry
 from pdmesh.scheduler.request_spec import Caps, ModelInfo
 from pdmesh.scheduler.tenants import TenantDirectory, load_tenants_file
@@ -40,8 +41,9 @@ async def run_scheduler(config: SchedulerConfig) -> None:
     tenants = TenantDirectory(load_tenants_file(config.tenants_file) if config.tenants_file else [])
     registry = WorkerRegistry(config.heartbeat_timeout_s)
     queue = AdmissionQueue(AdmissionConfig(config.max_queued_requests, config.max_queued_tokens))
-    dispatcher = Dispatcher(queue, Router(registry), config.local_prefill_threshold)
-    stream = MeshStream(model, registry, WorkerClients())
+    router = Router(registry)
+    dispatcher = Dispatcher(queue, router, config.local_prefill_threshold)
+    stream = MeshStream(model, registry, router, WorkerClients(), config.local_prefill_threshold)
     scheduler = SchedulerServicer(model, caps, registry, AdmissionControl(tenants, dispatcher), stream)
     server = None
 
@@ -67,10 +69,12 @@ async def run_scheduler(config: SchedulerConfig) -> None:
           f"{config.max_queued_tokens:,}; tenants: {', '.join(tenants.tenants)}", flush=True)
     watcher = asyncio.create_task(_watch_health(refresh_health))
     dispatching = asyncio.create_task(dispatcher.run_forever())
+    probing = asyncio.create_task(HealthProber(registry).run_forever())
     await wait_for_stop_signal()
     scheduler.accepting = False
     watcher.cancel()
     dispatching.cancel()
+    probing.cancel()
     await server.stop(grace=30.0)
 
 

@@ -7,10 +7,15 @@ sent a worker itself (pending), so a burst does not pile onto one worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
+from pdmesh import metrics
 from pdmesh.errors import InvalidRequestError, NotFoundError
+from pdmesh.scheduler.circuit_breaker import CircuitBreaker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -34,7 +39,8 @@ class WorkerInfo:
     metrics_address: str = ""
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
-    down_until: float = 0.0  # routed around until then after a failed call
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    last_ok: float = field(default_factory=time.monotonic)  # last heartbeat or successful probe
     pending_requests: int = 0
     pending_blocks: int = 0
     pending_prompt_tokens: int = 0
@@ -63,7 +69,7 @@ class WorkerRegistry:
             info = self.workers[worker_id] = WorkerInfo(worker_id, role, address)
         # Updated in place: requests in flight hold this object and settle against it.
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
-        info.down_until = 0.0
+        info.breaker = CircuitBreaker()  # a (re)started worker starts trusted
         self._report(info, load)
         return info
 
@@ -76,7 +82,7 @@ class WorkerRegistry:
     def _report(self, info: WorkerInfo, load: WorkerLoad) -> None:
         now = time.monotonic()
         info.load = load
-        info.last_heartbeat = now
+        info.last_heartbeat = info.last_ok = now
         # The snapshot was taken a moment before it arrived; requests started well before now are in it.
         reported = [a for a in info.awaiting_heartbeat if a.started_at < now - HEARTBEAT_SKEW_S]
         info.awaiting_heartbeat = [a for a in info.awaiting_heartbeat if a not in reported]
@@ -85,17 +91,26 @@ class WorkerRegistry:
 
     def healthy(self, info: WorkerInfo, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return (info.age(now) <= self.heartbeat_timeout_s and info.load.state == "serving"
-                and now >= info.down_until)
+        return info.age(now) <= self.heartbeat_timeout_s and info.load.state == "serving" and info.breaker.closed
 
     def routable(self, role: str) -> list[WorkerInfo]:
         now = time.monotonic()
         return [w for w in self.workers.values() if w.role == role and self.healthy(w, now)]
 
-    def mark_down(self, worker_id: str, seconds: float) -> None:
-        info = self.workers.get(worker_id)
-        if info is not None:
-            info.down_until = time.monotonic() + seconds
+    def report_failure(self, info: WorkerInfo, why: str, hard: bool = True) -> None:
+        """A failed probe or call: the worker leaves routing until a probe succeeds. A soft failure
+        (a slow answer from a busy machine) counts only when it repeats."""
+        now = time.monotonic()
+        if info.breaker.record_failure(now, hard):
+            metrics.WORKER_STATE_CHANGES.labels(state="down").inc()
+            metrics.DETECTION_SECONDS.observe(now - info.last_ok)
+            log.warning("worker %s (%s) left routing: %s", info.worker_id, info.address, why)
+
+    def report_success(self, info: WorkerInfo) -> None:
+        info.last_ok = time.monotonic()
+        if info.breaker.record_success():
+            metrics.WORKER_STATE_CHANGES.labels(state="up").inc()
+            log.info("worker %s (%s) rejoined routing", info.worker_id, info.address)
 
     def has_both_roles(self) -> bool:
         return bool(self.routable("prefill")) and bool(self.routable("decode"))

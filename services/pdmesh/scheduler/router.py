@@ -81,5 +81,12 @@ class Router:
         return min(candidates, key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
 
 
+    def prefill_fallbacks(self, chosen: WorkerInfo, limit: int = 2) -> list[str]:
+        """Addresses of other routable prefill workers, least loaded first, to try if chosen fails."""
+        others = [w for w in self.registry.routable("prefill") if w.worker_id != chosen.worker_id]
+        others.sort(key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
+        return [w.address for w in others[:limit]]
+
+
 def free_blocks(worker: WorkerInfo) -> int:
     return worker.load.kv_blocks_free - worker.pending_blocks

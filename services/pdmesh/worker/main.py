@@ -34,7 +34,7 @@ async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
         clients = PrefillClients()
         receiver = KVReceiver("", config.host, engine.engine.layout, config.kv_timeout_s)
         spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
-                           DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients)),
+                           DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients, config.prefill_timeout_s)),
                            service_name(decode_pb2, "DecodeWorker"))
     server = build_server([spec], port=config.port, host=config.host)
     state.address = f"{config.host}:{server.port}"
@@ -49,20 +49,29 @@ async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     tasks = [asyncio.create_task(c) for c in (registration.run(), *background)]
     print(f"pdmesh {config.role} worker {state.worker_id} serving on {state.address} "
           f"(metrics :{metrics_port})", flush=True)
-    await wait_for_stop_signal()
-    await _drain(state, server, grace_s)
+    await _first_of(wait_for_stop_signal(), state.drain_requested.wait())
+    await _drain(state, server, grace_s, sender if config.role == "prefill" else None)
     for task in tasks:
         task.cancel()
     engine.stop()
 
 
-async def _drain(state: WorkerState, server, grace_s: float) -> None:
-    """Stop taking work, let running requests finish (up to grace_s), then stop serving."""
+async def _first_of(*aws) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
+async def _drain(state: WorkerState, server, grace_s: float, sender: KVSender | None) -> None:
+    """Stop taking work (health NOT_SERVING, heartbeats say draining, new calls get UNAVAILABLE),
+    let running requests and unpulled prompts finish (up to grace_s), then stop serving."""
     state.draining = True
     state.load()
+    await server.set_serving(False)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
-    while state.engine.engine.has_work() and loop.time() < deadline:
+    while loop.time() < deadline and (state.engine.engine.has_work() or (sender and sender.held)):
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
     log.info("%s stopped", state.worker_id)

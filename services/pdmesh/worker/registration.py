@@ -8,6 +8,7 @@ from typing import Callable
 
 import grpc
 
+from pdmesh.rpc.channels import internal_channel
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class Registration:
         self.registered = asyncio.Event()
 
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+        async with internal_channel(self.scheduler_address) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
             while True:
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -51,7 +52,15 @@ class WorkerState:
         self.queued_prompt_tokens = 0
         self.requests_total = 0
         self.draining = False
+        self.drain_requested = asyncio.Event()
         self.metrics_address = ""
+
+    def request_drain(self) -> int:
+        """Take no new work from now on; the worker exits once what runs is done. Returns running."""
+        self.draining = True
+        self.drain_requested.set()
+        running, _ = self.engine.engine.load()
+        return running
 
     def load(self) -> worker_pb2.WorkerLoad:
         engine = self.engine.engine

@@ -32,16 +32,18 @@ class OpenKVChannelResponse(_message.Message):
     def __init__(self, layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "layout")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "layout", "output_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _worker_pb2.SamplingParams
     layout: _worker_pb2.KVLayout
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ...) -> None: ...
+    output_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., output_offset: _Optional[int] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
     __slots__ = ("first_token", "finish_reason", "num_tokens", "layout", "prefill_seconds")

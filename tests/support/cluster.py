@@ -1,0 +1,104 @@
+"""A mesh started service by service (not through `pdmesh serve`), so tests can kill, stop,
+drain and restart single processes. Uses a tiny random-weight Llama with SmolLM2's tokenizer
+so that chaos tests run fast and still check token-exact output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdmesh.client import PdmeshClient
+from support.mesh import free_port
+
+
+def write_tiny_model(folder: Path, smollm2_path: Path) -> Path:
+    """An HF folder: random 4-layer Llama (hidden 64) over SmolLM2's 49,152-token vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdmesh.engine.checkpoint import load_checkpoint
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    load_checkpoint(smollm2_path, log=lambda _: None).tokenizer.save(folder)
+    return folder
+
+
+@dataclass
+class Cluster:
+    model: Path
+    logs: Path
+    scheduler_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.scheduler_port}"
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "a")
+        proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def start_scheduler(self, *flags: str) -> None:
+        self._spawn("scheduler", "scheduler", "--port", str(self.scheduler_port), "--model", str(self.model), *flags)
+
+    def start_worker(self, role: str, name: str, *flags: str) -> None:
+        self._spawn(name, role, "--scheduler", self.address, "--worker-id", name, "--model", str(self.model),
+                    "--kv-cache-gib", "0.05", "--threads", "1", *flags)
+
+    def client(self, **kwargs) -> PdmeshClient:
+        return PdmeshClient(self.address, **kwargs)
+
+    def workers(self):
+        with self.client(retries=5) as c:
+            return list(c.cluster_status().workers)
+
+    def wait_until(self, predicate, timeout_s: float = 60.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except Exception:  # the scheduler may be restarting
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} not reached in {timeout_s}s")
+
+    def wait_healthy(self, names: set[str], timeout_s: float = 60.0) -> None:
+        self.wait_until(lambda: names <= {w.worker_id for w in self.workers() if w.healthy}, timeout_s,
+                        f"workers {sorted(names)} healthy")
+
+    def wait_blocks_free(self, timeout_s: float = 30.0) -> list:
+        def idle():
+            live = [w for w in self.workers() if w.healthy]
+            return live if all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in live) else None
+        return self.wait_until(idle, timeout_s, "all KV blocks free")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.procs[name].pid, sig)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
