@@ -5,6 +5,7 @@ Every check names the field, the limit and the value; nothing reaches a worker u
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 
@@ -113,7 +114,15 @@ def build_spec(pb, model: ModelInfo, caps: Caps) -> GenerationSpec:
     params = SamplingParams(max_tokens=max_tokens, temperature=pb.temperature,
                             top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
                             seed=pb.seed if pb.HasField("seed") else None, ignore_eos=pb.ignore_eos)
-    return GenerationSpec(pb.request_id or uuid.uuid4().hex, prompt_ids, params, tuple(pb.stop), pb.priority)
+    return GenerationSpec(pb.request_id or new_request_id(), prompt_ids, params, tuple(pb.stop), pb.priority)
+
+
+_ID_PREFIX = uuid.uuid4().hex[:12]  # unique per scheduler process; a counter makes each id unique in it
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ids)}"
 
 
 def _max_tokens(pb, num_prompt: int, room: int, caps: Caps) -> int:
