@@ -2,10 +2,12 @@
 
     python tools/bench_mesh.py [--quick] [--skip-vllm] [--parts 1,2,3,4,5] [--placement-settings 10:2,19:1]
 
-1 throughput: 1 and 16 greedy streams of 64 tokens, mesh vs engine (in a child, run as a worker runs
-  it) vs vLLM. 2 inter-token gaps of 4 running streams while 1-2k-token prompts arrive, mesh vs vLLM.
-3 scheduler overhead: TTFT via the scheduler vs the decode worker called directly. 4 KV hand-off of
-a 1,000-token prompt. 5 prefill worker placement (nice, threads) under part 2's load.
+Full run about 8 min (measured on the loaded 2-core box; vLLM compiles ~75 s of it); --quick 2-6 min.
+1 throughput: 1 and 16 greedy streams of 64 tokens: mesh vs the engine in a child (LLMEngine on the
+  main thread, and AsyncEngine on its own thread as in a worker) vs vLLM. 2 inter-token gaps of 4
+  running streams while 1-2k-token prompts arrive, mesh vs vLLM. 3 scheduler overhead: TTFT via the
+  scheduler vs the decode worker called directly. 4 KV hand-off of a 1,000-token prompt. 5 prefill
+  worker placement (nice, threads) under part 2's load.
 All traffic stays on 127.0.0.1; every process started here is stopped on exit, Ctrl-C included.
 """
 
@@ -146,13 +148,17 @@ def engine_child(prompts_file: str, reps: int) -> None:
     emit_result({str(k): v for k, v in result.items()})
 
 
-def engine_throughput(prompts, reps, workdir: Path) -> dict[int, float]:
-    save_prompts(prompts, workdir / "prompts.json")
-    result = run_child([sys.executable, __file__, "--engine-child", str(workdir / "prompts.json"), "--reps", str(reps)],
-                       timeout=900, label="engine")
+def engine_throughput(prompts, reps, workdir: Path, in_thread: bool) -> dict[int, float]:
+    """in_thread: this file's child (AsyncEngine); else bench_engine.py's (LLMEngine on the main thread)."""
+    save_prompts(prompts, file := workdir / "prompts.json")
+    cmd = ([__file__, "--engine-child", str(file), "--reps", str(reps)] if in_thread else
+           [str(TOOLS / "bench_engine.py"), "--only", "pdmesh", "--prompts-file", str(file), "--new-tokens", "64",
+            "--repeats", str(reps)])
+    result = run_child([sys.executable, *cmd], timeout=900, label="engine")
     if "error" in result:
         raise RuntimeError(result["error"])
-    return {int(k): v for k, v in result.items() if k.isdigit()}
+    return {int(k): v for k, v in result.items() if k.isdigit()} if in_thread else {1: result["tok_s_1"],
+                                                                                     16: result["tok_s_n"]}
 
 
 # -- parts 2 and 5: inter-token gaps while long prompts arrive --------------------------------------
@@ -322,7 +328,8 @@ def mesh_parts(args, c: Counts, R: dict, workdir: Path) -> None:
             R["p4"] = attempt(R, "part 4", lambda: handoff(mesh, c.handoff_n))
         leak_check(mesh, R, "mesh after parts 1-4")
     if 1 in args.parts:
-        R["p1"]["engine"] = attempt(R, "part 1: engine", lambda: engine_throughput(prompts, c.reps, workdir))
+        for key, in_thread in (("engine", False), ("thread", True)):
+            R["p1"][key] = attempt(R, f"part 1: {key}", lambda: engine_throughput(prompts, c.reps, workdir, in_thread))
 
 
 def vllm_parts(args, c: Counts, R: dict, workdir: Path) -> None:
@@ -355,11 +362,11 @@ def print_tables(R: dict, long_tokens: int) -> None:
     p1, p2, p3, p4, p5 = R["p1"], R["p2"], R.get("p3"), R.get("p4"), R["p5"]
     if p1:
         get = lambda k, n: (p1.get(k) or {}).get(n)  # noqa: E731
-        _show("Part 1: throughput, tok/s, 64 greedy tokens per stream, best of rounds "
-              "(goals: mesh/engine >= 0.9; mesh/vLLM >= 1.0 at 16)",
-              ["streams", "mesh", "engine", "vLLM", "mesh/engine", "mesh/vLLM"],
-              [[n, get("mesh", n), get("engine", n), get("vllm", n), ratio(get("mesh", n), get("engine", n)),
-                ratio(get("mesh", n), get("vllm", n))] for n in (1, 16)])
+        _show("Part 1: throughput, tok/s, 64 greedy tokens per stream, best of rounds (goals: mesh/engine >= 0.9; "
+              "mesh/vLLM >= 1.0 at 16). engine: LLMEngine on the main thread; thread: AsyncEngine, as in a worker",
+              ["streams", "mesh", "engine", "thread", "vLLM", "mesh/engine", "mesh/thread", "mesh/vLLM"],
+              [[n] + [get(k, n) for k in ("mesh", "engine", "thread", "vllm")]
+               + [ratio(get("mesh", n), get(k, n)) for k in ("engine", "thread", "vllm")] for n in (1, 16)])
     if p2:
         _show(f"Part 2: inter-token gaps of 4 running streams, ms; prompts of 1-2k tokens (max_tokens "
               f"{long_tokens}) arriving", ITL_HEADERS, [_itl_row(k, v) for k, v in p2.items() if v])

@@ -105,6 +105,10 @@ class Load:
         self._stop.set()
         self._watch.join()
         failed = {i: r for i, r in self.results.items() if isinstance(r, grpc.RpcError)}
+        print(f"\nchaos: sent {self.count}, failed {len(failed)}, resumed "
+              f"{scheduler_metric(self.cluster, 'pdmesh_resumed_streams_total'):.0f}, retried "
+              f"{scheduler_metric(self.cluster, 'pdmesh_request_retries_total'):.0f}, detection "
+              f"{detection(self.cluster)}")
         assert not failed, {i: (r.code().name, r.details()) for i, r in failed.items()}
         assert {i: expected[i] for i in self.results} == self.results  # token-exact after any recovery
         assert not self.not_serving, self.not_serving
@@ -121,6 +125,12 @@ def scheduler_metric(cluster: Cluster, name: str) -> float:
     port = re.search(r"\(metrics :(\d+)\)", log).group(1)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
+
+
+def detection(cluster: Cluster) -> str:
+    count = scheduler_metric(cluster, "pdmesh_worker_failure_detection_seconds_count")
+    total = scheduler_metric(cluster, "pdmesh_worker_failure_detection_seconds_sum")
+    return f"{total / count:.2f}s mean over {count:.0f}" if count else "none"
 
 
 def test_kill_decode_worker_mid_stream(cluster, expected):

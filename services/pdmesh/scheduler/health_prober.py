@@ -30,17 +30,26 @@ class HealthProber:
         self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
     async def run_forever(self) -> None:
+        """Every interval, check each worker; a hung probe never delays the others' checks."""
+        in_flight: dict[str, asyncio.Task] = {}
         while True:
-            workers = list(self.registry.workers.values())
-            await asyncio.gather(*(self.check(w) for w in workers), return_exceptions=True)
+            for worker in list(self.registry.workers.values()):
+                task = in_flight.get(worker.worker_id)
+                if task is None or task.done():
+                    in_flight[worker.worker_id] = asyncio.create_task(self.check(worker))
+                else:
+                    self._check_heartbeat(worker, time.monotonic())
             await asyncio.sleep(self.interval_s)
+
+    def _check_heartbeat(self, worker: WorkerInfo, now: float) -> bool:
+        if worker.age(now) > self.registry.heartbeat_timeout_s:
+            self.registry.report_failure(worker, f"no heartbeat for {worker.age(now):.1f}s")
+            return False
+        return True
 
     async def check(self, worker: WorkerInfo) -> None:
         now = time.monotonic()
-        if worker.age(now) > self.registry.heartbeat_timeout_s:
-            self.registry.report_failure(worker, f"no heartbeat for {worker.age(now):.1f}s")
-            return
-        if not worker.breaker.may_probe(now):
+        if not self._check_heartbeat(worker, now) or not worker.breaker.may_probe(now):
             return
         ok, why, hard = await self._probe(worker)
         if ok:
