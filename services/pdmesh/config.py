@@ -66,7 +66,7 @@ class SchedulerConfig:
     max_queued_requests: int = 1024
     max_queued_tokens: int = 4_000_000  # prompt + max_tokens of all queued requests
     tenants_file: str | None = None  # TOML: api keys -> tenants with rate limits
-    local_prefill_threshold: int = 0  # prompts shorter than this prefill on the decode worker; 0: off
+    local_prefill_threshold: int = 64  # prompts shorter than this prefill on the decode worker; 0: off
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 3.0  # a worker silent this long leaves routing
 

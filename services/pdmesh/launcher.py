@@ -59,6 +59,15 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return cmds
 
 
+def worker_env(name: str) -> dict[str, str]:
+    """Prefill workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE):
+    on a shared machine their spinning took CPU from the decode steps running next to them."""
+    env = dict(os.environ)
+    if name.startswith("prefill"):
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def wait_ready(address: str, num_workers: int, deadline: float, procs: dict[str, subprocess.Popen]) -> None:
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -109,12 +118,12 @@ def serve(args: argparse.Namespace) -> int:
         procs[name] = subprocess.Popen(cmd)
         _wait_port(address, deadline, procs)
         for name, cmd in cmds[1:]:
-            procs[name] = subprocess.Popen(cmd)
+            procs[name] = subprocess.Popen(cmd, env=worker_env(name))
         wait_ready(address, args.prefill_workers + args.decode_workers, deadline, procs)
-        print(f"\npdmesh is ready: scheduler on {address} with {args.prefill_workers} prefill and "
-              f"{args.decode_workers} decode workers", flush=True)
         if not args.no_warmup:
             warm_up(address, _first_api_key(args.tenants_file))
+        print(f"\npdmesh is ready: scheduler on {address} with {args.prefill_workers} prefill and "
+              f"{args.decode_workers} decode workers", flush=True)
         print(f"  try:  grpcurl -plaintext -d '{{\"prompt\": \"What is the capital of France?\", \"max_tokens\": 32}}' "
               f"{address} pdmesh.v1.Scheduler/Generate", flush=True)
         print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",

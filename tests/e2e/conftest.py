@@ -53,7 +53,7 @@ def echo_mesh(tmp_path_factory, smollm2_path):
     (folder / "tenants.toml").write_text(TENANTS)
     mesh = start_mesh(folder / "serve.log", "--engine", "echo", "--echo-step-ms", "20",
                       "--kv-cache-gib", str(64 * ECHO_BLOCK_BYTES / 2**30), "--max-model-len", "512",
-                      "--max-queued-requests", "8", "--default-max-tokens", "8",
+                      "--max-queued-requests", "8", "--default-max-tokens", "8", "--local-prefill-threshold", "0",
                       "--tenants-file", str(folder / "tenants.toml"))
     yield mesh
     assert mesh.stop() == 0

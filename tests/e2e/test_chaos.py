@@ -53,7 +53,7 @@ def expected(tiny_model):
 @pytest.fixture
 def cluster(tiny_model, tmp_path):
     c = Cluster(tiny_model, tmp_path)
-    c.start_scheduler()
+    c.start_scheduler("--local-prefill-threshold", "0")  # every prompt crosses a KV channel
     for name in ("prefill-a", "prefill-b"):
         c.start_worker("prefill", name, *WORKER_FLAGS)
     for name in ("decode-a", "decode-b"):
@@ -194,7 +194,7 @@ def test_scheduler_restart(cluster, expected):
         with pytest.raises(grpc.RpcError) as err:
             c.generate(prompt_token_ids=[5, 6], max_tokens=2)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # an answer, not a hang
-    cluster.start_scheduler()
+    cluster.start_scheduler("--local-prefill-threshold", "0")
     cluster.wait_healthy({"prefill-a", "prefill-b", "decode-a", "decode-b"}, timeout_s=30)  # re-registered
     with cluster.client() as c:
         done = c.generate(prompt_token_ids=prompts(24)[0], max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -74,9 +74,10 @@ def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            os.killpg(process.pid, signal.SIGKILL)
             raise RuntimeError(f"pdmesh serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         if "pdmesh is ready" in log_path.read_text():
             return Mesh(f"127.0.0.1:{port}", process, log_path)
         time.sleep(0.3)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)  # serve and every process it started
     raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")

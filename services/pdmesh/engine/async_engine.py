@@ -21,13 +21,23 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    """own_thread=False: the caller runs the step loop itself with run_here(), on the thread it
+    chooses. Workers run it on the process's main thread: on this CPU, torch's OpenMP kernels
+    stepped from a second thread ran ~1.5x slower (23 vs 35 tok/s, tools/bench_mesh.py notes)."""
+
+    def __init__(self, engine: LLMEngine, own_thread: bool = True):
         self.engine = engine
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if own_thread:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    def run_here(self) -> None:
+        """Run the step loop in the calling thread until stop()."""
+        self._loop()
 
     # -- the small interface -----------------------------------------------------------------
 
@@ -76,7 +86,8 @@ class AsyncEngine:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     # -- internals ---------------------------------------------------------------------------
 

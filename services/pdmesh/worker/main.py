@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
+
+import uvloop
 
 from pdmesh import metrics
 from pdmesh.config import WorkerConfig
@@ -14,15 +18,54 @@ from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefi
 from pdmesh.prefill.kv_sender import KVSender
 from pdmesh.prefill.service import PrefillWorkerServicer
 from pdmesh.rpc.server import ServiceSpec, build_server, service_name
-from pdmesh.rpc.signals import wait_for_stop_signal
 from pdmesh.worker.registration import Registration
 from pdmesh.worker.runtime import WorkerState, start_engine
 
 log = logging.getLogger(__name__)
 
 
-async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
+def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
+    """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
+    loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
     engine = start_engine(config)
+    stop = _StopSignal()
+    server_thread = threading.Thread(target=_serve_then_stop, args=(config, engine, stop, grace_s), name="rpc")
+    server_thread.start()
+    stop.install()
+    engine.run_here()
+    server_thread.join()
+
+
+class _StopSignal:
+    """A signal on the main thread becomes an asyncio event on the server thread's loop."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event: asyncio.Event | None = None
+        self.ready = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.ready.wait(timeout=30)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+def _serve_then_stop(config: WorkerConfig, engine, stop: _StopSignal, grace_s: float) -> None:
+    try:
+        uvloop.run(_serve(config, engine, stop, grace_s))
+    except Exception:
+        log.exception("worker server failed")
+    finally:
+        engine.stop()  # ends run_here() on the main thread
+
+
+async def _serve(config: WorkerConfig, engine, stop: _StopSignal, grace_s: float) -> None:
+    stop.loop, stop.event = asyncio.get_running_loop(), asyncio.Event()
+    stop.ready.set()
     state = WorkerState(config, engine, address="")
     background = []
     if config.role == "prefill":
@@ -49,11 +92,10 @@ async def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     tasks = [asyncio.create_task(c) for c in (registration.run(), *background)]
     print(f"pdmesh {config.role} worker {state.worker_id} serving on {state.address} "
           f"(metrics :{metrics_port})", flush=True)
-    await _first_of(wait_for_stop_signal(), state.drain_requested.wait())
+    await _first_of(stop.event.wait(), state.drain_requested.wait())
     await _drain(state, server, grace_s, sender if config.role == "prefill" else None)
     for task in tasks:
         task.cancel()
-    engine.stop()
 
 
 async def _first_of(*aws) -> None:

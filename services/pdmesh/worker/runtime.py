@@ -38,7 +38,7 @@ def start_engine(config: WorkerConfig) -> AsyncEngine:
     log.info("%s worker: %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
              engine.model_config.name, engine.num_total_blocks, config.engine.block_size,
              torch.get_num_threads(), os.nice(0))
-    return AsyncEngine(engine)
+    return AsyncEngine(engine, own_thread=False)  # the worker steps it on the main thread
 
 
 class WorkerState:
