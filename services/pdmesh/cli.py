@@ -23,14 +23,19 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo-step-ms", type=float, default=0.0, help="echo engine: milliseconds per step")
 
 
-def _worker_flags(p: argparse.ArgumentParser) -> None:
+def _service_flags(p: argparse.ArgumentParser, port_default: int) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--scheduler", required=True, help="host:port of the scheduler to register with")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
+    p.add_argument("--port", type=int, default=port_default, help="gRPC port (0: a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free one, -1: off)")
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    _service_flags(p, port_default=0)
+    p.add_argument("--scheduler", required=True, help="host:port of the scheduler to register with")
     p.add_argument("--worker-id", default="")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the whole worker (0: all cores)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: processes in this worker's group")
     p.add_argument("--nice", type=int, default=0, help="OS scheduling priority increment")
     p.add_argument("--kv-timeout", type=float, default=10.0, help="seconds any KV hand-off wait may take")
     p.add_argument("--held-kv-ttl", type=float, default=30.0, help="prefill: free unpulled KV after this long")
@@ -39,11 +44,8 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     _engine_flags(p)
 
 
-def _scheduler_flags(p: argparse.ArgumentParser, port_default: int = 50051) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=port_default, help="scheduler gRPC port")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free one, -1: off)")
+def _scheduler_flags(p: argparse.ArgumentParser) -> None:
+    _service_flags(p, port_default=50051)
     p.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output (default: the model's context)")
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt (0: max-model-len - 1)")
     p.add_argument("--max-output-tokens", type=int, default=0, help="ceiling for max_tokens (0: max-model-len - 1)")
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run scheduler + workers on this machine")
     _scheduler_flags(serve)
     serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of each prefill worker")
+    serve.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel size of each decode worker")
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--prefill-threads", type=int, default=None, help="default: see README (CPU placement)")
     serve.add_argument("--prefill-nice", type=int, default=None)
@@ -85,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    threads = args.threads
+    if args.tp > 1:  # the worker's threads are shared by its ranks
+        threads = max(1, (threads or os.cpu_count() or 1) // args.tp)
     engine = EngineConfig(max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, dtype=args.dtype)
     return WorkerConfig(role=args.command, scheduler_address=args.scheduler, model=args.model, host=args.host,
                         port=args.port, metrics_port=args.metrics_port, worker_id=args.worker_id, engine=engine,
-                        engine_kind=args.engine, echo_step_delay_s=args.echo_step_ms / 1000, cpu=CpuPlacement(args.threads, args.nice), kv_timeout_s=args.kv_timeout,
+                        engine_kind=args.engine, echo_step_delay_s=args.echo_step_ms / 1000, tp=args.tp,
+                        cpu=CpuPlacement(threads, args.nice), kv_timeout_s=args.kv_timeout,
                         held_kv_ttl_s=args.held_kv_ttl, prefill_timeout_s=args.prefill_timeout)
 
 

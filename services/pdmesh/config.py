@@ -36,6 +36,7 @@ class WorkerConfig:
     worker_id: str = ""  # "": made from role, host and port
     engine: EngineConfig = field(default_factory=EngineConfig)
     engine_kind: str = "pdmesh"
+    tp: int = 1  # tensor-parallel size: processes in this worker's group
     echo_step_delay_s: float = 0.0  # echo engine: seconds each step takes
     cpu: CpuPlacement = field(default_factory=CpuPlacement)
     kv_timeout_s: float = 10.0  # every wait of a KV hand-off
@@ -46,6 +47,10 @@ class WorkerConfig:
     def __post_init__(self):
         if self.engine_kind not in ENGINES:
             raise InvalidRequestError(f"engine must be one of {ENGINES}, got {self.engine_kind!r}", "engine")
+        if self.tp < 1:
+            raise InvalidRequestError(f"tp must be >= 1, got {self.tp}", "tp")
+        if self.tp > 1 and self.engine_kind != "pdmesh":
+            raise InvalidRequestError("tensor parallelism needs the pdmesh engine", "tp")
         if self.role not in ROLES:
             raise InvalidRequestError(f"role must be one of {ROLES}, got {self.role!r}", "role")
         for name in ("kv_timeout_s", "held_kv_ttl_s", "prefill_timeout_s", "heartbeat_interval_s"):

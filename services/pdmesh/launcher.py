@@ -46,11 +46,13 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                                 "--local-prefill-threshold", str(args.local_prefill_threshold)]
              + model + (["--tenants-file", args.tenants_file] if args.tenants_file else []))]
     where = placement(args)
-    for role, count in (("prefill", args.prefill_workers), ("decode", args.decode_workers)):
+    for role, count, tp in (("prefill", args.prefill_workers, args.prefill_tp),
+                            ("decode", args.decode_workers, args.decode_tp)):
         threads, nice = where[role]
         for i in range(count):
             cmds.append((f"{role}-{i}", py + [role, "--scheduler", address, "--host", args.host,
                                               "--worker-id", f"{role}-{i}", "--threads", str(threads),
+                                              "--tp", str(tp),
                                               "--nice", str(nice), "--max-model-len", str(args.max_model_len),
                                               "--kv-cache-gib", str(args.kv_cache_gib),
                                               "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype,

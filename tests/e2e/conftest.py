@@ -13,6 +13,9 @@ import pytest
 from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.engine.sequence import EngineRequest
+from support.cluster import NEW_TOKENS, prompts, write_tiny_model
 from support.mesh import LOCAL_PREFILL_THRESHOLD, processes_mentioning, start_mesh
 
 MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS, MAX_MODEL_LEN = 1000, 1200, 2048
@@ -66,3 +69,22 @@ def reference_engine(smollm2_path):
     checkpoint = load_checkpoint(smollm2_path, log=lambda _: None)
     engine = LLMEngine(checkpoint.config, checkpoint.weights, EngineConfig(kv_cache_gib=0.1, max_model_len=2048))
     return engine, checkpoint.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_path):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def expected(tiny_model):
+    """Greedy tokens of each prompt from the engine alone: what every chaos run must reproduce."""
+    checkpoint = load_checkpoint(tiny_model, log=lambda _: None)
+    engine = LLMEngine(checkpoint.config, checkpoint.weights, EngineConfig(kv_cache_gib=0.05))
+    out: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts(24)):
+        engine.add_request(EngineRequest(str(i), p, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)))
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(int(o.request_id), []).extend(o.token_ids)
+    return out

@@ -5,49 +5,15 @@ held on live workers once idle, and the scheduler SERVING throughout."""
 
 from __future__ import annotations
 
-import re
 import signal
-import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
-from pdmesh.engine.checkpoint import load_checkpoint
-from pdmesh.engine.engine_config import EngineConfig
-from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.sampling_params import SamplingParams
-from pdmesh.engine.sequence import EngineRequest
 from pdmesh.rpc.reflection_client import ReflectionClient
-from support.cluster import Cluster, write_tiny_model
-
-NEW_TOKENS = 160
-WORKER_FLAGS = ("--kv-timeout", "3", "--held-kv-ttl", "3", "--prefill-timeout", "5")
-
-
-def prompts(n: int) -> list[list[int]]:
-    return [[100 + (i * 37 + j * 11) % 30000 for j in range(20 + 13 * (i % 7))] for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smollm2_path):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"), smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_model):
-    """Greedy tokens of each prompt from the engine alone: what every chaos run must reproduce."""
-    checkpoint = load_checkpoint(tiny_model, log=lambda _: None)
-    engine = LLMEngine(checkpoint.config, checkpoint.weights, EngineConfig(kv_cache_gib=0.05))
-    out: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts(24)):
-        engine.add_request(EngineRequest(str(i), p, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)))
-    while engine.has_work():
-        for o in engine.step():
-            out.setdefault(int(o.request_id), []).extend(o.token_ids)
-    return out
+from support.cluster import (NEW_TOKENS, WORKER_FLAGS, Cluster, Load, prompts, scheduler_metric,
+                             wait_for_tokens)
 
 
 @pytest.fixture
@@ -61,76 +27,6 @@ def cluster(tiny_model, tmp_path):
     c.wait_healthy({"prefill-a", "prefill-b", "decode-a", "decode-b"})
     yield c
     c.stop_all()
-
-
-class Load:
-    """Requests from 8 client threads; records every outcome; watches scheduler health."""
-
-    def __init__(self, cluster: Cluster, count: int = 24):
-        self.cluster = cluster
-        self.count = count
-        self.results: dict[int, list[int] | grpc.RpcError] = {}
-        self.not_serving: list[str] = []
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(8)
-        self._watch = threading.Thread(target=self._watch_health, daemon=True)
-
-    def start(self) -> "Load":
-        self._watch.start()
-        self.futures = [self._pool.submit(self._one, i) for i in range(self.count)]
-        return self
-
-    def _one(self, i: int) -> None:
-        with self.cluster.client(timeout_s=120, retries=0) as c:
-            try:
-                done = c.generate(prompt_token_ids=prompts(24)[i], max_tokens=NEW_TOKENS, ignore_eos=True)
-                self.results[i] = list(done.token_ids)
-            except grpc.RpcError as exc:
-                self.results[i] = exc
-
-    def _watch_health(self) -> None:
-        with ReflectionClient(self.cluster.address) as client:
-            while not self._stop.is_set():
-                try:
-                    status = client.health(timeout_s=5)
-                except grpc.RpcError as exc:
-                    status = exc.code().name
-                if status != "SERVING":
-                    self.not_serving.append(status)
-                time.sleep(0.1)
-
-    def finish(self, expected: dict[int, list[int]]) -> None:
-        for f in self.futures:
-            f.result(timeout=180)
-        self._stop.set()
-        self._watch.join()
-        failed = {i: r for i, r in self.results.items() if isinstance(r, grpc.RpcError)}
-        print(f"\nchaos: sent {self.count}, failed {len(failed)}, resumed "
-              f"{scheduler_metric(self.cluster, 'pdmesh_resumed_streams_total'):.0f}, retried "
-              f"{scheduler_metric(self.cluster, 'pdmesh_request_retries_total'):.0f}, detection "
-              f"{detection(self.cluster)}")
-        assert not failed, {i: (r.code().name, r.details()) for i, r in failed.items()}
-        assert {i: expected[i] for i in self.results} == self.results  # token-exact after any recovery
-        assert not self.not_serving, self.not_serving
-
-
-def wait_for_tokens(cluster: Cluster, role: str) -> str:
-    """A worker of `role` that is running sequences right now (by heartbeat)."""
-    return cluster.wait_until(lambda: next((w.worker_id for w in cluster.workers()
-                                            if w.role == role and w.running > 0), None), 30, f"busy {role}")
-
-
-def scheduler_metric(cluster: Cluster, name: str) -> float:
-    log = (cluster.logs / "scheduler.log").read_text()
-    port = re.search(r"\(metrics :(\d+)\)", log).group(1)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
-
-
-def detection(cluster: Cluster) -> str:
-    count = scheduler_metric(cluster, "pdmesh_worker_failure_detection_seconds_count")
-    total = scheduler_metric(cluster, "pdmesh_worker_failure_detection_seconds_sum")
-    return f"{total / count:.2f}s mean over {count:.0f}" if count else "none"
 
 
 def test_kill_decode_worker_mid_stream(cluster, expected):
@@ -177,7 +73,7 @@ def test_rolling_restart_under_load_loses_nothing(cluster, expected):
 
 
 def test_drain_rpc_stops_new_work_and_exits(cluster, expected):
-    load = Load(cluster, count=8).start()
+    load = Load(cluster).start()
     victim = wait_for_tokens(cluster, "decode")
     address = next(w.address for w in cluster.workers() if w.worker_id == victim)
     with ReflectionClient(address) as client:

@@ -9,27 +9,15 @@ import urllib.request
 import grpc
 import pytest
 
-from pdmesh.engine.sampling_params import SamplingParams
-from pdmesh.engine.sequence import EngineRequest
 from pdmesh.rpc.errors import rich_details
 
-from support.mesh import LOCAL_PREFILL_THRESHOLD
+from support.mesh import LOCAL_PREFILL_THRESHOLD, engine_greedy
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a terse assistant."},
      {"role": "user", "content": "Name three colors of the rainbow, in a list."}],
 ]
-
-
-def engine_greedy(reference_engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    engine, _ = reference_engine
-    engine.add_request(EngineRequest("ref", prompt_ids, SamplingParams(max_tokens=max_tokens)))
-    tokens = []
-    while engine.has_work():
-        for out in engine.step():
-            tokens += out.token_ids
-    return tokens
 
 
 @pytest.mark.parametrize("chat", CHATS)

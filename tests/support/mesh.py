@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdmesh.client import PdmeshClient
+from pdmesh.engine.sampling_params import SamplingParams
+from pdmesh.engine.sequence import EngineRequest
 
 # The e2e mesh prefills prompts shorter than this on the decode worker itself.
 LOCAL_PREFILL_THRESHOLD = 8
@@ -81,3 +83,13 @@ def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
         time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)  # serve and every process it started
     raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+def engine_greedy(reference_engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    engine, _ = reference_engine
+    engine.add_request(EngineRequest("ref", prompt_ids, SamplingParams(max_tokens=max_tokens)))
+    tokens = []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.token_ids
+    return tokens

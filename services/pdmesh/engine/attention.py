@@ -73,8 +73,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Te
 def _attend_decode(q: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     b, length = batch.num_decode, batch.decode_len
     kvh, d = kv_layer.shape[-2:]
-    k = kv_layer[0].index_select(0, batch.decode_slots).view(b, length, kvh, d).transpose(1, 2)
-    v = kv_layer[1].index_select(0, batch.decode_slots).view(b, length, kvh, d).transpose(1, 2)
+    kv = kv_layer.index_select(1, batch.decode_slots).view(2, b, length, kvh, d).transpose(2, 3)  # [2, B, KVH, L, D]
+    k, v = kv[0], kv[1]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=batch.decode_mask,
                                          enable_gqa=True)  # [B, H, 1, D]
     return out.reshape(b, -1)

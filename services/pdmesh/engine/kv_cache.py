@@ -21,6 +21,8 @@ class KVLayout:
     head_dim: int
     dtype: str  # torch dtype name, e.g. "float32"
     kv_head_ids: tuple[int, ...]
+    # Under tensor parallelism: the KV heads each rank of the group stores (rank order).
+    rank_kv_heads: tuple[tuple[int, ...], ...] = ()
 
     def mismatch(self, other: "KVLayout") -> str | None:
         """Why other's KV cannot be placed into a cache of this layout, or None if it can.

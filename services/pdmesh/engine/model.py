@@ -43,13 +43,13 @@ class DecoderLayer:
         self.head_dim = config.head_dim
         self.all_reduce = all_reduce
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def __call__(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
                  kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))  # [T, q + 2 kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope(q.view(t, self.num_heads, d), positions)
-        k = rope(k.view(t, self.num_kv_heads, d), positions)
+        q = RotaryEmbedding.apply(q.view(t, self.num_heads, d), angles)
+        k = RotaryEmbedding.apply(k.view(t, self.num_kv_heads, d), angles)
         attn = self.o(attend(q, k, v.view(t, self.num_kv_heads, d), kv_layer, batch))
         x = x + self._reduce(attn)
         gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
@@ -94,7 +94,8 @@ class LlamaModel:
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; logit_rows: [N] rows of T to score. Returns logits [N, V]."""
         x = self.embed[input_ids]  # [T, H]
+        angles = self.rope.angles(positions)
         for layer, kv_layer in zip(self.layers, cache.kv):
-            x = layer(x, positions, self.rope, kv_layer, batch)
+            x = layer(x, angles, kv_layer, batch)
         x = rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x)

@@ -79,7 +79,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 running=w.load.running, queued=w.load.queued, kv_blocks_free=w.load.kv_blocks_free,
                 kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
                 tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
-                metrics_address=w.metrics_address, requests_total=w.load.requests_total))
+                metrics_address=w.metrics_address, requests_total=w.load.requests_total,
+                ranks=[scheduler_pb2.WorkerRank(rank=r, pid=pid, kv_head_ids=list(heads))
+                       for r, pid, heads in w.ranks]))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.running,
                                            queued=self.admission.dispatcher.queue.num_requests)
 
@@ -92,7 +94,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
-                               load_from_pb(request.load), request.metrics_address)
+                               load_from_pb(request.load), request.metrics_address,
+                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks])
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 

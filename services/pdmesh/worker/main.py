@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
 import threading
 
 import uvloop
@@ -34,6 +35,23 @@ def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     stop.install()
     engine.run_here()
     server_thread.join()
+    _stop_followers(engine)
+
+
+def _stop_followers(engine) -> None:
+    """Tell a tensor-parallel group's followers to exit, and make sure they did."""
+    driver = getattr(engine, "tp_driver", None)
+    if driver is None:
+        return
+    try:
+        driver.shutdown()
+    except Exception as exc:  # a follower already gone: it exits on its own
+        log.warning("could not stop tensor-parallel followers cleanly: %s", exc)
+    for proc in engine.tp_followers:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 class _StopSignal:

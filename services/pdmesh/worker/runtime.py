@@ -30,6 +30,13 @@ def apply_cpu_placement(cpu: CpuPlacement) -> None:
 def start_engine(config: WorkerConfig) -> AsyncEngine:
     apply_cpu_placement(config.cpu)
     checkpoint = load_checkpoint(config.model, log=log.info)
+    if config.tp > 1:
+        from pdmesh.worker.tensor_parallel_group import start_tp_engine
+
+        engine, driver, followers = start_tp_engine(config, checkpoint)
+        async_engine = AsyncEngine(engine, own_thread=False)
+        async_engine.tp_driver, async_engine.tp_followers = driver, followers
+        return async_engine
     if config.engine_kind == "echo":
         model_config = echo_config(checkpoint.config)
         engine = LLMEngine(model_config, {}, config.engine, model=EchoModel(model_config, config.echo_step_delay_s))
@@ -75,8 +82,14 @@ class WorkerState:
                                      state="draining" if self.draining else "serving",
                                      requests_total=self.requests_total)
 
+    def tp_ranks(self) -> list[worker_pb2.TPRank]:
+        pids = [os.getpid(), *[p.pid for p in getattr(self.engine, "tp_followers", [])]]
+        heads = self.engine.engine.layout.rank_kv_heads or (self.engine.engine.layout.kv_head_ids,)
+        return [worker_pb2.TPRank(rank=r, pid=pid, kv_head_ids=list(h)) for r, (pid, h) in enumerate(zip(pids, heads))]
+
     def register_request(self) -> registry_pb2.RegisterRequest:
         return registry_pb2.RegisterRequest(worker_id=self.worker_id, role=self.config.role, address=self.address,
-                                            model=self.engine.engine.model_config.name, tp_size=1,
+                                            model=self.engine.engine.model_config.name, tp_size=self.config.tp,
+                                            tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.engine.layout),
                                             metrics_address=self.metrics_address)

@@ -109,7 +109,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total", "ranks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class WorkerStatus(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -138,7 +139,18 @@ class WorkerStatus(_message.Message):
     state: str
     metrics_address: str
     requests_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[WorkerRank]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[WorkerRank, _Mapping]]] = ...) -> None: ...
+
+class WorkerRank(_message.Message):
+    __slots__ = ("rank", "pid", "kv_head_ids")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_IDS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    pid: int
+    kv_head_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_head_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("workers", "running", "queued")
