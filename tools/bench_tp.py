@@ -87,9 +87,10 @@ def handoff_seconds(tp: int, prompt: list[int], repeats: int) -> dict[int, tuple
     cluster = Cluster(ensure_default_model(log=lambda _: None), Path(tempfile.mkdtemp(prefix="bench_tp-")))
     try:
         cluster.start_scheduler("--max-model-len", "2048")
-        cluster.start_worker("prefill", "prefill-tp1", "--max-model-len", "2048")
-        cluster.start_worker("prefill", f"prefill-tp{tp}", "--tp", str(tp), "--max-model-len", "2048")
-        cluster.start_worker("decode", "decode", "--max-model-len", "2048")
+        sized = ("--max-model-len", "2048", "--kv-cache-gib", "0.5")
+        cluster.start_worker("prefill", "prefill-tp1", *sized)
+        cluster.start_worker("prefill", f"prefill-tp{tp}", "--tp", str(tp), *sized)
+        cluster.start_worker("decode", "decode", *sized)
         cluster.wait_healthy({"prefill-tp1", f"prefill-tp{tp}", "decode"}, timeout_s=300)
         workers = {w.worker_id: w.address for w in cluster.workers()}
         stub = decode_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(workers["decode"]))
@@ -100,7 +101,10 @@ def handoff_seconds(tp: int, prompt: list[int], repeats: int) -> dict[int, tuple
                 request = decode_pb2.DecodeRequest(
                     request_id=f"h{size}-{i}", prompt_token_ids=prompt, prefill_address=workers[f"prefill-tp{size}"],
                     sampling=worker_pb2.SamplingParams(max_tokens=2, ignore_eos=True))
-                info = next(iter(stub.Generate(request, timeout=120))).prefill
+                call = stub.Generate(request, timeout=120)
+                info = next(call).prefill
+                call.cancel()  # frees the request's blocks now
+                time.sleep(0.2)
                 if i:
                     samples.append(info)
             results[size] = (statistics.median(s.handoff_seconds for s in samples),
