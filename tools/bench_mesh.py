@@ -36,11 +36,11 @@ sys.path[:0] = [str(TOOLS), str(TOOLS.parent / "tests")]
 
 import grpc  # noqa: E402
 
-from bench_common import (emit_result, format_table, load_prompts, log, make_prompts, ratio, run_child,
-                          save_prompts)  # noqa: E402
+from bench_common import (emit_result, load_prompts, log, make_prompts, run_child, save_prompts)  # noqa: E402
 from pdmesh.client import AsyncPdmeshClient, PdmeshClient  # noqa: E402
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, worker_pb2  # noqa: E402
 from support.mesh import Mesh, free_port  # noqa: E402
+from bench_mesh_report import ms, print_tables  # noqa: E402
 from vllm_server import export_hf_folder, stop_session, stream_completion, vllm_server  # noqa: E402
 
 VOCAB, FIRST_PLAIN_ID = 49152, 20  # SmolLM2: ids below 20 are special tokens
@@ -71,10 +71,6 @@ QUICK = Counts(reps=1, n_long=2, settle_s=1.0, undisturbed_s=2.0, ttft_n=6, hand
 def pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered) - 1e-9) - 1))] if ordered else None
-
-
-def ms(x: float | None) -> float | None:
-    return None if x is None else x * 1000
 
 
 def long_prompts(n: int, seed: int = 1234, lo: int = 1000, hi: int = 2000) -> list[list[int]]:
@@ -351,51 +347,6 @@ def placement_parts(args, c: Counts, R: dict, workdir: Path) -> None:
 
 
 # -- tables ----------------------------------------------------------------------------------------
-
-ITL_HEADERS = ["", "undisturbed tok/s", "undisturbed p50", "p99", "max", "long-prompt p50", "p99", "max",
-               "gaps", "long TTFT s"]
-
-
-
-
-def print_tables(R: dict, long_tokens: int) -> None:
-    p1, p2, p3, p4, p5 = R["p1"], R["p2"], R.get("p3"), R.get("p4"), R["p5"]
-    if p1:
-        get = lambda k, n: (p1.get(k) or {}).get(n)  # noqa: E731
-        _show("Part 1: throughput, tok/s, 64 greedy tokens per stream, best of rounds (goals: mesh/engine >= 0.9; "
-              "mesh/vLLM >= 1.0 at 16). engine: LLMEngine on the main thread; thread: AsyncEngine, as in a worker",
-              ["streams", "mesh", "engine", "thread", "vLLM", "mesh/engine", "mesh/thread", "mesh/vLLM"],
-              [[n] + [get(k, n) for k in ("mesh", "engine", "thread", "vllm")]
-               + [ratio(get("mesh", n), get(k, n)) for k in ("engine", "thread", "vllm")] for n in (1, 16)])
-    if p2:
-        _show(f"Part 2: inter-token gaps of 4 running streams, ms; prompts of 1-2k tokens (max_tokens "
-              f"{long_tokens}) arriving", ITL_HEADERS, [_itl_row(k, v) for k, v in p2.items() if v])
-        m, v = (p2.get("mesh") or {}).get("long", {}), (p2.get("vllm") or {}).get("long", {})
-        print(f"mesh p99 / vLLM p99 under long prompts: {ratio(m.get('p99'), v.get('p99'))} (goal <= 0.1x)\n")
-    if p3:
-        _show("Part 3: scheduler overhead, TTFT of a 1-token request, ms (goal: difference of p50s <= 5 ms)",
-              ["path", "p50", "p90"], p3)
-    if p4:
-        _show("Part 4: KV hand-off of a 1,000-token prompt, medians (goal: hand-off / prefill <= 10%)",
-              ["mode", "prefill ms", "hand-off ms", "hand-off/prefill", "MB", "GB/s"], p4)
-    if p5:
-        _show("Part 5: placement of the prefill worker (decode: nice 0, all cores), part 2's load",
-              ITL_HEADERS, [_itl_row(k, v) for k, v in p5.items() if v])
-    for note in R["notes"]:
-        print(f"note: {note}")
-
-
-def _itl_row(name: str, r: dict) -> list:
-    b, g = r["base"], r["long"]
-    return [name, r["tok_s"], ms(b["p50"]), ms(b["p99"]), ms(b["max"]), ms(g["p50"]), ms(g["p99"]), ms(g["max"]),
-            f"{b['n']}/{g['n']}", r["long_ttft"]] + ([f"errors: {r['errors'][:2]}"] if r["errors"] else [])
-
-
-def _show(title: str, headers: list[str], rows: list[list]) -> None:
-    width = max([len(headers)] + [len(r) for r in rows])
-    print(f"\n{title}\n" + format_table(headers + [""] * (width - len(headers)),
-                                        [r + [None] * (width - len(r)) for r in rows]) + "\n")
-
 
 # -- main ------------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import grpc
-import pytest
 
 from pdmesh.client import AsyncPdmeshClient
 from pdmesh.rpc.errors import rich_details

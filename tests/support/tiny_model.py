@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.model_config import ModelConfig
 

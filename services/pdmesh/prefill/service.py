@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from pdmesh import metrics
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.sequence import EngineRequest

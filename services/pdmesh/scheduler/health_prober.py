@@ -14,7 +14,6 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdmesh import metrics
 from pdmesh.rpc.channels import internal_channel
 from pdmesh.scheduler.registry import WorkerInfo, WorkerRegistry
 

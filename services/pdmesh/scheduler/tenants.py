@@ -14,7 +14,7 @@ must carry `authorization: Bearer <key>` of a listed key (else UNAUTHENTICATED).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
