@@ -47,9 +47,10 @@ class DecoderLayer:
                  kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = RotaryEmbedding.apply(q.view(t, self.num_heads, d), angles)
-        k = RotaryEmbedding.apply(k.view(t, self.num_kv_heads, d), angles)
+        # q and k rotate together: one set of RoPE ops per layer instead of two.
+        qk = RotaryEmbedding.apply(qkv[:, :self.q_size + self.kv_size].reshape(t, -1, d), angles)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:]
         attn = self.o(attend(q, k, v.view(t, self.num_kv_heads, d), kv_layer, batch))
         x = x + self._reduce(attn)
         gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).chunk(2, dim=-1)
