@@ -1,22 +1,62 @@
-"""Settings of each service: frozen dataclasses, validated on construction. The CLI fills them."""
+"""Settings of each service: layered frozen dataclasses, validated on construction.
+
+`SchedulerConfig` and `WorkerConfig` are what one service process needs; `ServeConfig` composes
+them for `pdmesh serve`, which hands each child its config whole (`config_loader.to_json`).
+Fields with `option(...)` metadata are the flags; `config_loader` reads them from the command
+line, `PDMESH_<FLAG>` and `--config FILE`.
+"""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
-from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.engine_config import MAX_MODEL_LEN_OPTION, EngineConfig
 from pdmesh.errors import InvalidRequestError
+from pdmesh.option import group, option
 
 ROLES = ("prefill", "decode")
 ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load tests only)
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where a service binds, and what its peers dial (which differ behind NAT, in containers,
+    or when binding every interface)."""
+
+    host: str = field(default="127.0.0.1", metadata=option("address to bind (0.0.0.0: every interface)"))
+    port: int = field(default=0, metadata=option("gRPC port (0: a free one)"))
+    advertise_address: str = field(default="", metadata=option(
+        "host name or address peers dial to reach this service (default: the bind address, or this "
+        "host's name when binding every interface)"))
+    metrics_port: int = field(default=0, metadata=option("Prometheus port (0: a free one, -1: off)"))
+
+    def __post_init__(self):
+        for name in ("port", "metrics_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                raise InvalidRequestError(f"{name} must be in [-1, 65535], got {getattr(self, name)}", name)
+
+    def advertised_host(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        if self.host in WILDCARD_HOSTS:
+            return socket.getfqdn()
+        return self.host
+
+    def dial(self, port: int) -> str:
+        """host:port that peers use to reach `port` of this service."""
+        host = self.advertised_host()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
 class CpuPlacement:
     """Threads for the engine's math and the OS scheduling priority (nice) of the process."""
 
-    threads: int = 0  # 0: torch's default (all cores)
-    nice: int = 0
+    threads: int = field(default=0, metadata=option("torch threads of the whole worker (0: all cores)"))
+    nice: int = field(default=0, metadata=option("OS scheduling priority increment"))
 
     def __post_init__(self):
         if self.threads < 0:
@@ -27,22 +67,27 @@ class CpuPlacement:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    role: str
-    scheduler_address: str
-    model: str | None = None  # None: the default model
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: a free port
-    metrics_port: int = 0  # 0: a free port; -1: off
-    worker_id: str = ""  # "": made from role, host and port
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    engine_kind: str = "pdmesh"
-    tp: int = 1  # tensor-parallel size: processes in this worker's group
-    echo_step_delay_s: float = 0.0  # echo engine: seconds each step takes
-    cpu: CpuPlacement = field(default_factory=CpuPlacement)
-    kv_timeout_s: float = 10.0  # every wait of a KV hand-off
-    held_kv_ttl_s: float = 30.0  # prefill: free a prompt's KV nobody pulled after this long
-    prefill_timeout_s: float = 30.0  # decode: give up on one prefill worker after this long
-    heartbeat_interval_s: float = 1.0
+    role: str = "decode"  # set by the command (pdmesh prefill | decode)
+    scheduler_address: str = field(default="127.0.0.1:50051", metadata=option(
+        "host:port of the scheduler to register with", flag="scheduler"))
+    model: str | None = field(default=None, metadata=MODEL_OPTION)
+    listen: Listen = field(default_factory=Listen, metadata=group())
+    worker_id: str = field(default="", metadata=option("unique id (default: made from role and address)"))
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=group())
+    engine_kind: str = field(default="pdmesh", metadata=option(
+        "engine to run (echo: tokens without a model, for load tests only)", flag="engine", choices=ENGINES))
+    echo_step_ms: float = field(default=0.0, metadata=option("echo engine: milliseconds each step takes"))
+    tp: int = field(default=1, metadata=option("tensor-parallel size: processes in this worker's group"))
+    cpu: CpuPlacement = field(default_factory=CpuPlacement, metadata=group())
+    kv_timeout_s: float = field(default=10.0, metadata=option(
+        "seconds any wait of a KV hand-off may take", flag="kv-timeout"))
+    held_kv_ttl_s: float = field(default=30.0, metadata=option(
+        "prefill: free a prompt's KV nobody pulled after this many seconds", flag="held-kv-ttl"))
+    prefill_timeout_s: float = field(default=30.0, metadata=option(
+        "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
+    heartbeat_interval_s: float = 1.0  # until the scheduler says otherwise at registration
+    cluster_secret: str = ""  # authenticates internal calls (never a flag: it would show in ps)
+    restarts: int = 0  # times a supervisor restarted this worker (reported in cluster status)
 
     def __post_init__(self):
         if self.engine_kind not in ENGINES:
@@ -56,24 +101,31 @@ class WorkerConfig:
         for name in ("kv_timeout_s", "held_kv_ttl_s", "prefill_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}", name)
+        if self.echo_step_ms < 0:
+            raise InvalidRequestError(f"echo_step_ms must be >= 0, got {self.echo_step_ms}", "echo_step_ms")
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    model: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 0
-    max_model_len: int = 0  # 0: the model's context length
-    max_prompt_tokens: int = 0  # 0: max_model_len - 1
-    max_output_tokens: int = 0  # ceiling for max_tokens; 0: max_model_len - 1
-    default_max_tokens: int = 256  # when a request leaves max_tokens unset (capped to fit)
-    max_queued_requests: int = 1024
-    max_queued_tokens: int = 4_000_000  # prompt + max_tokens of all queued requests
-    tenants_file: str | None = None  # TOML: api keys -> tenants with rate limits
-    local_prefill_threshold: int = 64  # prompts shorter than this prefill on the decode worker; 0: off
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 3.0  # a worker silent this long leaves routing
+    model: str | None = field(default=None, metadata=MODEL_OPTION)
+    listen: Listen = field(default_factory=lambda: Listen(port=50051), metadata=group())
+    max_model_len: int = field(default=0, metadata=MAX_MODEL_LEN_OPTION)
+    max_prompt_tokens: int = field(default=0, metadata=option("longest prompt (0: max-model-len - 1)"))
+    max_output_tokens: int = field(default=0, metadata=option("ceiling for max_tokens (0: max-model-len - 1)"))
+    default_max_tokens: int = field(default=256, metadata=option("max_tokens when a request sets none"))
+    max_queued_requests: int = field(default=1024, metadata=option("admission queue bound, requests"))
+    max_queued_tokens: int = field(default=4_000_000, metadata=option(
+        "admission queue bound, prompt + max_tokens summed"))
+    tenants_file: str | None = field(default=None, metadata=option(
+        "TOML file of tenants: API keys and rate limits"))
+    local_prefill_threshold: int = field(default=64, metadata=option(
+        "prompts shorter than this are prefilled on the decode worker (0: never; 64 measured best on CPU)"))
+    heartbeat_interval_s: float = field(default=1.0, metadata=option(
+        "seconds between a worker's heartbeats", flag="heartbeat-interval"))
+    heartbeat_timeout_s: float = field(default=3.0, metadata=option(
+        "a worker silent this many seconds leaves routing", flag="heartbeat-timeout"))
+    cluster_secret: str = ""  # authenticates internal callers (serve's warm-up among them)
+    restarts: int = 0  # times a supervisor restarted the scheduler
 
     def __post_init__(self):
         for name in ("max_model_len", "max_prompt_tokens", "max_output_tokens", "max_queued_requests",

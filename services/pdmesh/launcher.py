@@ -1,140 +1,138 @@
-"""`pdmesh serve`: the whole mesh on this machine as separate processes, stopped together.
+"""`pdmesh serve`: the whole mesh on this machine as separate processes, supervised.
 
-The scheduler starts first (it converts the model once, so the workers find it cached), then the
+The model is converted once (so the children find it cached), then the scheduler starts, then the
 workers register with it. Ready means the scheduler's health is SERVING and every worker shows
-up healthy in its cluster status.
+up healthy in its cluster status. From then on a child that exits is restarted with backoff
+(`pdmesh.supervisor`) while the rest keeps serving; SIGINT or SIGTERM drains and stops them all.
+Each child gets its config whole on stdin (`pdmesh.child`), with a cluster secret made here.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import logging
 import signal
-import subprocess
+import socket
 import sys
 import time
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdmesh.child import spawn
+from pdmesh.engine.checkpoint import load_model_metadata
 from pdmesh.gen.pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from pdmesh.rpc import cluster_auth
+from pdmesh.serve_config import ServeConfig
+from pdmesh.supervisor import Supervisor
 
-# Decode keeps its pace while prefill works: prefill runs at a lower OS priority (nice 10), so the
-# kernel gives decode steps the cores first; when decode is idle, prefill still gets every core.
-# Measured in tools/bench_mesh.py (README, "CPU placement").
-DEFAULT_PREFILL_NICE = 10
-DEFAULT_DECODE_NICE = 0
-
-
-def placement(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    cores = os.cpu_count() or 1
-    return {"prefill": (args.prefill_threads or cores, DEFAULT_PREFILL_NICE if args.prefill_nice is None else args.prefill_nice),
-            "decode": (args.decode_threads or cores, DEFAULT_DECODE_NICE if args.decode_nice is None else args.decode_nice)}
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+WARMUP_QUESTION = "What is the capital of France?"
 
 
-def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    py = [sys.executable, "-m", "pdmesh.cli", "--log-level", args.log_level]
-    model = ["--model", args.model] if args.model else []
-    address = f"{args.host}:{args.port}"
-    cmds = [("scheduler", py + ["scheduler", "--host", args.host, "--port", str(args.port),
-                                "--metrics-port", str(args.metrics_port), "--max-model-len", str(args.max_model_len),
-                                "--default-max-tokens", str(args.default_max_tokens),
-                                "--max-prompt-tokens", str(args.max_prompt_tokens),
-                                "--max-output-tokens", str(args.max_output_tokens),
-                                "--max-queued-requests", str(args.max_queued_requests),
-                                "--max-queued-tokens", str(args.max_queued_tokens),
-                                "--local-prefill-threshold", str(args.local_prefill_threshold)]
-             + model + (["--tenants-file", args.tenants_file] if args.tenants_file else []))]
-    where = placement(args)
-    for role, count, tp in (("prefill", args.prefill_workers, args.prefill_tp),
-                            ("decode", args.decode_workers, args.decode_tp)):
-        threads, nice = where[role]
-        for i in range(count):
-            cmds.append((f"{role}-{i}", py + [role, "--scheduler", address, "--host", args.host,
-                                              "--worker-id", f"{role}-{i}", "--threads", str(threads),
-                                              "--tp", str(tp),
-                                              "--nice", str(nice), "--max-model-len", str(args.max_model_len),
-                                              "--kv-cache-gib", str(args.kv_cache_gib),
-                                              "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype,
-                                              "--engine", args.engine, "--echo-step-ms", str(args.echo_step_ms),
-                                              "--block-size", str(args.block_size)] + model))
-    return cmds
+def with_concrete_ports(config: ServeConfig) -> ServeConfig:
+    """A free port for the scheduler when asked for 0 (a restarted scheduler must come back on the
+    same port), and a cluster secret when none was given."""
+    scheduler = config.scheduler
+    if scheduler.listen.port == 0:
+        with socket.socket() as s:
+            s.bind((scheduler.listen.host, 0))
+            scheduler = replace(scheduler, listen=replace(scheduler.listen, port=s.getsockname()[1]))
+    if not scheduler.cluster_secret:
+        scheduler = replace(scheduler, cluster_secret=cluster_auth.new_secret())
+    return replace(config, scheduler=scheduler)
 
 
-def worker_env(name: str) -> dict[str, str]:
+def start_children(config: ServeConfig, supervisor: Supervisor, log_level: str) -> None:
+    supervisor.add("scheduler", lambda n: spawn("scheduler", replace(config.scheduler, restarts=n), log_level))
+    for role in ("prefill", "decode"):
+        for i in range(config.plan(role).workers):
+            worker = config.worker_config(role, i)
+            env = {"OMP_WAIT_POLICY": "PASSIVE"} if role == "prefill" else {}
+            supervisor.add(worker.worker_id, lambda n, w=worker, e=env: spawn(
+                "worker", replace(w, restarts=n), log_level, env=_environ(e)))
+
+
+def _environ(extra: dict[str, str]) -> dict[str, str]:
     """Prefill workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE):
     on a shared machine their spinning took CPU from the decode steps running next to them."""
+    import os
+
     env = dict(os.environ)
-    if name.startswith("prefill"):
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in extra.items():
+        env.setdefault(key, value)
     return env
 
 
-def wait_ready(address: str, num_workers: int, deadline: float, procs: dict[str, subprocess.Popen]) -> None:
+def wait_ready(config: ServeConfig, supervisor: Supervisor, deadline: float) -> None:
+    address = config.scheduler_address()
+    expected = config.prefill.workers + config.decode.workers
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         while time.monotonic() < deadline:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            supervisor.poll()
+            given_up = [c.name for c in supervisor.children.values() if c.given_up]
+            if given_up:
+                raise RuntimeError(f"{', '.join(given_up)} kept exiting during start-up")
             try:
                 serving = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                workers = scheduler.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=2).workers
-                if serving == health_pb2.HealthCheckResponse.SERVING and sum(w.healthy for w in workers) == num_workers:
+                status = scheduler.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=2,
+                                                    metadata=cluster_auth.metadata(config.scheduler.cluster_secret))
+                if serving == health_pb2.HealthCheckResponse.SERVING and sum(w.healthy for w in status.workers) == expected:
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.25)
-    raise TimeoutError(f"the mesh at {address} was not ready in time")
+            time.sleep(POLL_S)
+    raise TimeoutError(f"the mesh at {address} was not ready in {config.ready_timeout_s:g}s")
 
 
-def stop_all(procs: dict[str, subprocess.Popen], timeout_s: float = 30.0) -> None:
-    """SIGTERM every child (workers drain first, the scheduler last), then SIGKILL stragglers."""
-    order = [n for n in procs if n != "scheduler"] + ["scheduler"]
-    for name in order:
-        if procs[name].poll() is None:
-            procs[name].send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for name in order:
-        try:
-            procs[name].wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            procs[name].kill()
-            procs[name].wait()
+def warm_up(config: ServeConfig) -> None:
+    """Answer one chat request end to end (and build the kernels' first shapes before real traffic).
+    It runs as the mesh itself (cluster secret), so it spends no tenant's quota; a failure is
+    logged, never fatal."""
+    request = scheduler_pb2.GenerateRequest(messages=[scheduler_pb2.ChatMessage(role="user", content=WARMUP_QUESTION)],
+                                            max_tokens=32)
+    start = time.perf_counter()
+    try:
+        with grpc.insecure_channel(config.scheduler_address()) as channel:
+            chunks = list(scheduler_pb2_grpc.SchedulerStub(channel).Generate(
+                request, timeout=120, metadata=cluster_auth.metadata(config.scheduler.cluster_secret)))
+    except grpc.RpcError as exc:
+        print(f"  warm-up failed ({exc.code().name}: {exc.details()}); serving anyway", flush=True)
+        return
+    text = "".join(c.text for c in chunks)
+    print(f"  warm-up: {WARMUP_QUESTION!r} -> {text!r} ({chunks[-1].usage.completion_tokens} tokens in "
+          f"{time.perf_counter() - start:.2f}s)", flush=True)
 
 
-def serve(args: argparse.Namespace) -> int:
-    address = f"{args.host}:{args.port}"
-    procs: dict[str, subprocess.Popen] = {}
-    stop = {"signal": None}
+def print_ready(config: ServeConfig) -> None:
+    address = config.scheduler_address()
+    chat = '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+    print(f"\npdmesh is ready: scheduler on {address} with {config.prefill.workers} prefill and "
+          f"{config.decode.workers} decode workers (supervised: a worker that exits is restarted)", flush=True)
+    print(f"  try:  grpcurl -plaintext -d '{chat}' {address} pdmesh.v1.Scheduler/Generate", flush=True)
+    print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
+          flush=True)
+
+
+def serve(config: ServeConfig, log_level: str | None = None) -> int:
+    log_level = log_level or logging.getLevelName(logging.getLogger().level)
+    config = with_concrete_ports(config)
+    supervisor = Supervisor(config.supervision)
 
     def on_signal(signum, _frame):
-        stop["signal"] = signum
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        cmds = commands(args)
-        deadline = time.monotonic() + args.ready_timeout
-        name, cmd = cmds[0]
-        procs[name] = subprocess.Popen(cmd)
-        _wait_port(address, deadline, procs)
-        for name, cmd in cmds[1:]:
-            procs[name] = subprocess.Popen(cmd, env=worker_env(name))
-        wait_ready(address, args.prefill_workers + args.decode_workers, deadline, procs)
-        if not args.no_warmup:
-            warm_up(address, _first_api_key(args.tenants_file))
-        print(f"\npdmesh is ready: scheduler on {address} with {args.prefill_workers} prefill and "
-              f"{args.decode_workers} decode workers", flush=True)
-        print(f"  try:  grpcurl -plaintext -d '{{\"prompt\": \"What is the capital of France?\", \"max_tokens\": 32}}' "
-              f"{address} pdmesh.v1.Scheduler/Generate", flush=True)
-        print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
-              flush=True)
-        while all(p.poll() is None for p in procs.values()):
-            time.sleep(0.5)
-        failed = [n for n, p in procs.items() if p.poll() is not None]
-        print(f"pdmesh: {', '.join(failed)} exited; stopping the mesh", file=sys.stderr)
-        return 1
+        load_model_metadata(config.scheduler.model, log=log.info)  # converts a GGUF once, for all
+        start_children(config, supervisor, log_level)
+        wait_ready(config, supervisor, time.monotonic() + config.ready_timeout_s)
+        if config.warmup:
+            warm_up(config)
+        print_ready(config)
+        return _supervise(supervisor)
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, TimeoutError) as exc:
@@ -143,39 +141,14 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all(procs)
+        supervisor.stop_all([n for n in supervisor.children if n != "scheduler"] + ["scheduler"])
 
 
-def _first_api_key(tenants_file: str | None) -> str | None:
-    if not tenants_file:
-        return None
-    from pdmesh.scheduler.tenants import load_tenants_file
-
-    keys = [key for tenant in load_tenants_file(tenants_file) for key in tenant.api_keys]
-    return keys[0] if keys else None
-
-
-def warm_up(address: str, api_key: str | None = None) -> None:
-    """Answer one request end to end (and build the kernels' first shapes before real traffic)."""
-    from pdmesh.client import PdmeshClient
-
-    question = "What is the capital of France?"
-    start = time.perf_counter()
-    with PdmeshClient(address, timeout_s=120, api_key=api_key) as client:
-        done = client.generate(messages=[{"role": "user", "content": question}], max_tokens=32)
-    print(f"  warm-up: {question!r} -> {done.text!r} ({done.completion_tokens} tokens in "
-          f"{time.perf_counter() - start:.2f}s)", flush=True)
-
-
-def _wait_port(address: str, deadline: float, procs: dict[str, subprocess.Popen]) -> None:
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs.values()):
-                raise RuntimeError("the scheduler exited during start-up")
-            try:
-                health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                return
-            except grpc.RpcError:
-                time.sleep(0.25)
-    raise TimeoutError(f"the scheduler at {address} did not start in time")
+def _supervise(supervisor: Supervisor) -> int:
+    """Restart what exits; only a scheduler that keeps crashing ends the mesh."""
+    while True:
+        supervisor.poll()
+        if supervisor.children["scheduler"].given_up:
+            print("pdmesh serve: the scheduler keeps exiting; stopping the mesh", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(POLL_S)

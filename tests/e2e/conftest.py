@@ -16,7 +16,7 @@ from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
 from support.cluster import NEW_TOKENS, prompts, write_tiny_model
-from support.mesh import LOCAL_PREFILL_THRESHOLD, processes_mentioning, start_mesh
+from support.mesh import LOCAL_PREFILL_THRESHOLD, start_mesh
 
 MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS, MAX_MODEL_LEN = 1000, 1200, 2048
 
@@ -31,8 +31,8 @@ def mesh(tmp_path_factory, smollm2_path):
     yield mesh
     if mesh.process.poll() is None:
         assert mesh.stop() == 0, log.read_text()[-3000:]
-    leftovers = processes_mentioning(mesh.address)
-    assert not leftovers, f"processes left behind: {leftovers}"
+        assert len(mesh.children) >= 4  # scheduler, prefill, 2 decode: the check below sees them
+    assert not mesh.leftovers(), f"processes left behind: {mesh.leftovers()}"
 
 
 ECHO_BLOCK_BYTES = 1 * 2 * 16 * 1 * 1 * 4  # layers x k/v x block tokens x kv heads x head dim x fp32
@@ -60,7 +60,7 @@ def echo_mesh(tmp_path_factory, smollm2_path):
                       "--tenants-file", str(folder / "tenants.toml"))
     yield mesh
     assert mesh.stop() == 0
-    assert not processes_mentioning(mesh.address)
+    assert not mesh.leftovers()
 
 
 @pytest.fixture(scope="session")

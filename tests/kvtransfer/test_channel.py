@@ -19,7 +19,7 @@ SHAPE = (4, 2, 33, 3, 8)  # layers, k/v, tokens, kv heads, head dim
 
 
 def _sender(port: int, channel_id: str, count: int, die_after: int | None) -> None:
-    channel = KVChannel(connect_store("127.0.0.1", port, 10), channel_id, SENDER_RANK, 10)
+    channel = KVChannel(connect_store("127.0.0.1", port, 10), channel_id, SENDER_RANK, 10, "127.0.0.1")
     for tag in range(count):
         if tag == die_after:
             os._exit(1)  # vanish mid-conversation, as a killed worker would
@@ -35,7 +35,7 @@ def _spawn(*args) -> mp.Process:
 def test_transfers_arrive_intact_in_order():
     store = serve_store("127.0.0.1", 10)
     sender = _spawn(store.port, "ok", 5, None)
-    channel = KVChannel(store, "ok", RECEIVER_RANK, 10)
+    channel = KVChannel(store, "ok", RECEIVER_RANK, 10, "127.0.0.1")
     for tag in range(5):
         kv = channel.recv(SHAPE, torch.float32, tag)
         assert torch.equal(kv, torch.full(SHAPE, float(tag)))
@@ -46,7 +46,7 @@ def test_transfers_arrive_intact_in_order():
 def test_peer_that_dies_mid_transfer_is_an_error_not_a_hang():
     store = serve_store("127.0.0.1", 5)
     sender = _spawn(store.port, "dies", 3, 1)
-    channel = KVChannel(store, "dies", RECEIVER_RANK, 5)
+    channel = KVChannel(store, "dies", RECEIVER_RANK, 5, "127.0.0.1")
     channel.recv(SHAPE, torch.float32, 0)
     start = time.monotonic()
     with pytest.raises(TransferError, match="receive tag 1 failed"):
@@ -62,7 +62,7 @@ def test_peer_that_never_joins_times_out():
     store = serve_store("127.0.0.1", 1.0)
     start = time.monotonic()
     with pytest.raises(TransferError, match="did not join"):
-        KVChannel(store, "lonely", RECEIVER_RANK, 1.0)
+        KVChannel(store, "lonely", RECEIVER_RANK, 1.0, "127.0.0.1")
     assert time.monotonic() - start < 5
 
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdmesh.client import PdmeshClient
@@ -25,18 +25,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains text (how we find a mesh's leftover processes)."""
-    pids = []
+def descendants(pid: int) -> set[int]:
+    """Every living process below `pid` (serve's scheduler, workers and their TP ranks)."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+        if entry.name.isdigit():
             try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids of `pids` that still run (zombies count as gone)."""
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
 
 
 @dataclass
@@ -44,6 +63,7 @@ class Mesh:
     address: str
     process: subprocess.Popen
     log_path: Path
+    children: set[int] = field(default_factory=set)  # serve's descendants when stop() began
 
     def client(self, **kwargs) -> PdmeshClient:
         return PdmeshClient(self.address, **kwargs)
@@ -64,8 +84,13 @@ class Mesh:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM serve; returns its exit code. `leftovers` then lists children still running."""
+        self.children = descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
+
+    def leftovers(self) -> set[int]:
+        return alive(self.children)
 
 
 def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:

@@ -82,7 +82,7 @@ class KVReceiver:
     async def _open(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str) -> _Link:
         store = serve_store(self.host, self.timeout_s)
         channel_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        join = asyncio.create_task(asyncio.to_thread(KVChannel, store, channel_id, RECEIVER_RANK, self.timeout_s))
+        join = asyncio.create_task(asyncio.to_thread(KVChannel, store, channel_id, RECEIVER_RANK, self.timeout_s, self.host))
         try:
             response = await stub.OpenKVChannel(prefill_pb2.OpenKVChannelRequest(
                 decode_worker_id=self.worker_id, store_host=self.host, store_port=store.port,

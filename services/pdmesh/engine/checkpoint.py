@@ -11,10 +11,10 @@ import torch
 
 from pdmesh.engine.default_model import ensure_default_model, resolve_cache_dir
 from pdmesh.engine.gguf_checkpoint import open_gguf, read_gguf
-from pdmesh.engine.hf_checkpoint import read_hf_folder
+from pdmesh.engine.hf_checkpoint import model_config_from_hf, read_config_json, read_hf_folder, read_tensor_names
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.engine.tokenizer import Tokenizer
-from pdmesh.engine.weight_cache import WeightCache
+from pdmesh.engine.weight_cache import CONFIG_FILE, WeightCache, config_from_json
 from pdmesh.errors import CheckpointError
 
 Log = Callable[[str], None]
@@ -50,6 +50,40 @@ def load_checkpoint(path: str | Path | None, cache_dir: str | Path | None = None
         message = str(exc)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from exc
     return checkpoint
+
+
+@dataclass
+class ModelMetadata:
+    """What a service that runs no model needs (the scheduler): shapes, limits and the tokenizer."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+
+
+def load_model_metadata(path: str | Path | None, cache_dir: str | Path | None = None,
+                        log: Log = print) -> ModelMetadata:
+    """The model's config and tokenizer without its weights: from an HF folder's config.json and
+    safetensors headers, or from a GGUF file's converted cache entry (a GGUF file not converted
+    yet is converted once here, so the workers that load it next find it cached)."""
+    root = resolve_cache_dir(cache_dir)
+    source = Path(path).expanduser() if path is not None else ensure_default_model(root, log)
+    try:
+        if source.is_dir():
+            config_json = read_config_json(source)
+            weights = dict.fromkeys(read_tensor_names(source))
+            return ModelMetadata(model_config_from_hf(config_json, weights, source),
+                                 Tokenizer.from_hf_folder(source), source)
+        if source.is_file():
+            entry = WeightCache(root).entry_dir(source)
+            if not (entry / CONFIG_FILE).is_file():
+                load_checkpoint(source, root, log)
+            return ModelMetadata(config_from_json((entry / CONFIG_FILE).read_text()),
+                                 Tokenizer.from_hf_folder(entry), source)
+        raise CheckpointError("no such file or directory")
+    except (CheckpointError, OSError, ValueError) as exc:
+        message = str(exc)
+        raise CheckpointError(message if message.startswith(str(source)) else f"{source}: {message}") from exc
 
 
 def _load_hf(path: Path, log: Log) -> Checkpoint:

@@ -56,6 +56,20 @@ def read_safetensors(path: Path, log: Callable[[str], None] = print) -> dict[str
     return weights
 
 
+def read_tensor_names(path: Path) -> set[str]:
+    """Names of the folder's tensors, read from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    names = set()
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        except Exception as exc:
+            raise CheckpointError(f"{file.name}: not a readable safetensors file ({exc})") from exc
+    return names
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():

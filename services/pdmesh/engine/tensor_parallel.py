@@ -18,6 +18,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
+from pdmesh.engine.process_group import gloo_group
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.errors import InvalidRequestError, UnavailableError
 
@@ -76,10 +77,12 @@ class TPGroup:
     """One rank's handle on its group: all-reduce for the model, broadcast of commands from
     rank 0, point-to-point sends of KV shards. Every wait has the group's timeout."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, timeout_s: float, prefix: str = "tp"):
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout_s: float, host: str = "127.0.0.1",
+                 prefix: str = "tp"):
+        """host: this rank's address, which its transport binds (the group's store host)."""
         self.rank, self.size, self.timeout = rank, size, datetime.timedelta(seconds=timeout_s)
         try:
-            self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, self.timeout)
+            self.pg = gloo_group(dist.PrefixStore(prefix, store), rank, size, timeout_s, host)
         except Exception as exc:
             raise TPGroupError(f"tensor-parallel group of {size}: rank {rank} could not join: {exc}") from exc
 

@@ -8,10 +8,10 @@ Every join, send and receive has a deadline, so a lost peer is an error, never a
 
 from __future__ import annotations
 
-import datetime
 import torch
 import torch.distributed as dist
 
+from pdmesh.engine import process_group
 from pdmesh.errors import UnavailableError
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
@@ -26,13 +26,13 @@ def backend_for(device: torch.device) -> str:
 
 
 def serve_store(host: str, timeout_s: float) -> dist.TCPStore:
-    """A TCPStore on a free port of host, for one pair (the receiver hosts it)."""
-    return dist.TCPStore(host, 0, 2, is_master=True, timeout=_td(timeout_s), wait_for_workers=False)
+    """A TCPStore on a free port of host (and only there), for one pair (the receiver hosts it)."""
+    return process_group.serve_store(host, 2, timeout_s)
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     try:
-        return dist.TCPStore(host, port, 2, is_master=False, timeout=_td(timeout_s))
+        return process_group.connect_store(host, port, 2, timeout_s)
     except Exception as exc:
         raise TransferError(f"cannot reach the KV channel store at {host}:{port}: {exc}") from exc
 
@@ -40,8 +40,9 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 class KVChannel:
     """One end of a pair. Construction blocks until the other end joins (or timeout_s passes)."""
 
-    def __init__(self, store: dist.Store, channel_id: str, rank: int, timeout_s: float,
+    def __init__(self, store: dist.Store, channel_id: str, rank: int, timeout_s: float, host: str,
                  device: torch.device = torch.device("cpu")):
+        """host: this end's own reachable address, which the transport binds."""
         self.channel_id = channel_id
         self.rank = rank
         self.peer = 1 - rank
@@ -54,7 +55,7 @@ class KVChannel:
                 opts = dist.ProcessGroupNCCL.Options()
                 self._group = dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
             else:
-                self._group = dist.ProcessGroupGloo(prefixed, rank, 2, _td(timeout_s))
+                self._group = process_group.gloo_group(prefixed, rank, 2, timeout_s, host)
         except Exception as exc:
             raise TransferError(f"KV channel {channel_id}: peer did not join within {timeout_s}s: {exc}") from exc
 
@@ -70,11 +71,7 @@ class KVChannel:
         if self.broken:
             raise TransferError(f"KV channel {self.channel_id} is broken; it must be reopened")
         try:
-            start().wait(_td(self.timeout_s))
+            start().wait(process_group.seconds(self.timeout_s))
         except Exception as exc:
             self.broken = True  # after a timeout or a lost peer the pair cannot be trusted
             raise TransferError(f"KV channel {self.channel_id}: {what} failed: {exc}") from exc
-
-
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)

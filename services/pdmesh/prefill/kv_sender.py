@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 
 class KVSender:
-    def __init__(self, engine: AsyncEngine, timeout_s: float, ttl_s: float):
+    def __init__(self, engine: AsyncEngine, host: str, timeout_s: float, ttl_s: float):
+        """host: this worker's advertised address, which its end of each channel binds."""
         self.engine = engine
+        self.host = host
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
         self.channels: dict[str, KVChannel] = {}
@@ -30,7 +32,7 @@ class KVSender:
     async def open_channel(self, store_host: str, store_port: int, channel_id: str) -> KVChannel:
         def join() -> KVChannel:
             store = connect_store(store_host, store_port, self.timeout_s)
-            return KVChannel(store, channel_id, SENDER_RANK, self.timeout_s)
+            return KVChannel(store, channel_id, SENDER_RANK, self.timeout_s, self.host)
         channel = await asyncio.to_thread(join)
         self.channels[channel_id] = channel
         return channel

@@ -17,9 +17,9 @@ class AdmissionControl:
         self.tenants = tenants
         self.dispatcher = dispatcher
 
-    def authenticate(self, authorization: str | None) -> Tenant:
+    def authenticate(self, authorization: str | None, cluster_secret: str | None = None) -> Tenant:
         try:
-            return self.tenants.authenticate(authorization)
+            return self.tenants.authenticate(authorization, cluster_secret)
         except UnauthenticatedError:
             metrics.REJECTIONS.labels(reason="unauthenticated").inc()
             raise

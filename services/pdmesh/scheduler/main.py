@@ -7,7 +7,7 @@ import logging
 
 from pdmesh import metrics
 from pdmesh.config import SchedulerConfig
-from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.checkpoint import load_model_metadata
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.server import ServiceSpec, build_server, service_name
 from pdmesh.rpc.signals import wait_for_stop_signal
@@ -27,24 +27,26 @@ SCHEDULER = service_name(scheduler_pb2, "Scheduler")
 
 
 def load_model_info(config: SchedulerConfig) -> ModelInfo:
-    """The served model's shapes and tokenizer; the scheduler holds no weights."""
-    checkpoint = load_checkpoint(config.model, log=log.info)
-    model_len = checkpoint.config.max_position_embeddings
+    """The served model's shapes and tokenizer; the scheduler loads no weights."""
+    meta = load_model_metadata(config.model, log=log.info)
+    model_len = meta.config.max_position_embeddings
     max_model_len = min(config.max_model_len or model_len, model_len)
-    return ModelInfo(checkpoint.config.name, checkpoint.config, checkpoint.tokenizer, max_model_len)
+    return ModelInfo(meta.config.name, meta.config, meta.tokenizer, max_model_len)
 
 
 async def run_scheduler(config: SchedulerConfig) -> None:
     model = load_model_info(config)
     caps = Caps.resolve(model.max_model_len, config.max_prompt_tokens, config.max_output_tokens,
                         config.default_max_tokens)
-    tenants = TenantDirectory(load_tenants_file(config.tenants_file) if config.tenants_file else [])
+    tenants = TenantDirectory(load_tenants_file(config.tenants_file) if config.tenants_file else [],
+                              cluster_secret=config.cluster_secret)
     registry = WorkerRegistry(config.heartbeat_timeout_s)
     queue = AdmissionQueue(AdmissionConfig(config.max_queued_requests, config.max_queued_tokens))
     router = Router(registry)
     dispatcher = Dispatcher(queue, router, config.local_prefill_threshold)
     stream = MeshStream(model, registry, router, WorkerClients(), config.local_prefill_threshold)
-    scheduler = SchedulerServicer(model, caps, registry, AdmissionControl(tenants, dispatcher), stream)
+    scheduler = SchedulerServicer(model, caps, registry, AdmissionControl(tenants, dispatcher), stream,
+                                  config.restarts)
     server = None
 
     async def refresh_health() -> None:
@@ -59,11 +61,11 @@ async def run_scheduler(config: SchedulerConfig) -> None:
         ServiceSpec(scheduler_pb2_grpc.add_SchedulerServicer_to_server, scheduler, SCHEDULER),
         ServiceSpec(registry_pb2_grpc.add_RegistryServicer_to_server, registry_servicer,
                     service_name(registry_pb2, "Registry")),
-    ], port=config.port, host=config.host)
-    metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
+    ], port=config.listen.port, host=config.listen.host)
+    metrics_port = metrics.serve_metrics(config.listen.metrics_port, config.listen.host)
     await server.start(serving=False)
     await server.set_serving(True, service_name(registry_pb2, "Registry"))
-    print(f"pdmesh scheduler serving {model.name} on {config.host}:{server.port} (metrics :{metrics_port})\n"
+    print(f"pdmesh scheduler serving {model.name} on {config.listen.dial(server.port)} (metrics :{metrics_port})\n"
           f"  caps: {caps.describe()}\n"
           f"  queue: max-queued-requests {config.max_queued_requests:,}, max-queued-tokens "
           f"{config.max_queued_tokens:,}; tenants: {', '.join(tenants.tenants)}", flush=True)

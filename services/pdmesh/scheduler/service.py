@@ -7,6 +7,7 @@ import time
 from pdmesh import metrics
 from pdmesh.errors import PdmeshError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_model, prompt_ids_from
@@ -15,8 +16,9 @@ from pdmesh.scheduler.stream import MeshStream
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, model: ModelInfo, caps: Caps, registry: WorkerRegistry, admission: AdmissionControl,
-                 stream: MeshStream):
+                 stream: MeshStream, restarts: int = 0):
         self.model = model
+        self.restarts = restarts
         self.caps = caps
         self.registry = registry
         self.admission = admission
@@ -28,7 +30,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         arrived = time.perf_counter()
         if not self.accepting:
             raise UnavailableError("the scheduler is shutting down")
-        tenant = self.admission.authenticate(_authorization(context))
+        tenant = self.admission.authenticate(*_credentials(context))
         try:
             spec = build_spec(request, self.model, self.caps)
         except PdmeshError:
@@ -79,11 +81,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 running=w.load.running, queued=w.load.queued, kv_blocks_free=w.load.kv_blocks_free,
                 kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
                 tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
-                metrics_address=w.metrics_address, requests_total=w.load.requests_total,
+                metrics_address=w.metrics_address, requests_total=w.load.requests_total, restarts=w.restarts,
                 ranks=[scheduler_pb2.WorkerRank(rank=r, pid=pid, kv_head_ids=list(heads))
                        for r, pid, heads in w.ranks]))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.running,
-                                           queued=self.admission.dispatcher.queue.num_requests)
+                                           queued=self.admission.dispatcher.queue.num_requests,
+                                           scheduler_restarts=self.restarts)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -95,7 +98,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
                                load_from_pb(request.load), request.metrics_address,
-                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks])
+                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts)
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
@@ -104,11 +107,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.HeartbeatResponse()
 
 
-def _authorization(context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value
-    return None
+def _credentials(context) -> tuple[str | None, str | None]:
+    """(authorization, cluster secret) from the call's metadata."""
+    found = dict(context.invocation_metadata() or ())
+    return found.get("authorization"), found.get(CLUSTER_SECRET_KEY)
 
 
 def load_from_pb(pb) -> WorkerLoad:

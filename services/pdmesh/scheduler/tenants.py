@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 from pdmesh.errors import InvalidRequestError, ResourceExhaustedError, UnauthenticatedError
+from pdmesh.rpc import cluster_auth
 from pdmesh.scheduler.token_bucket import TokenBucket
 
 ANONYMOUS = "anonymous"
+CLUSTER = "_cluster"  # the mesh's own calls (serve's warm-up): no quota, never a client's
 
 
 class RateLimitedError(ResourceExhaustedError):
@@ -69,8 +71,11 @@ def load_tenants_file(path: str | Path) -> list[TenantLimits]:
 
 
 class TenantDirectory:
-    def __init__(self, limits: list[TenantLimits], clock: Callable[[], float] | None = None):
+    def __init__(self, limits: list[TenantLimits], clock: Callable[[], float] | None = None,
+                 cluster_secret: str = ""):
         self.clock = clock
+        self.cluster_secret = cluster_secret
+        self.cluster = Tenant(TenantLimits(CLUSTER))
         self.tenants: dict[str, Tenant] = {}
         self.by_key: dict[str, Tenant] = {}
         for lim in limits or [TenantLimits(ANONYMOUS)]:
@@ -89,7 +94,10 @@ class TenantDirectory:
         kwargs = {"clock": self.clock} if self.clock else {}
         return TokenBucket(rate, max(1.0, rate * burst_s), **kwargs)
 
-    def authenticate(self, authorization: str | None) -> Tenant:
+    def authenticate(self, authorization: str | None, cluster_secret: str | None = None) -> Tenant:
+        """The caller's tenant: the mesh itself when it presents the cluster secret, else by API key."""
+        if cluster_auth.matches(self.cluster_secret, cluster_secret):
+            return self.cluster
         if not self.keyed:
             return self.tenants[ANONYMOUS]
         if not authorization:

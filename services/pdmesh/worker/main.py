@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
 import threading
 
 import uvloop
@@ -28,30 +27,17 @@ log = logging.getLogger(__name__)
 def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
     loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
-    engine = start_engine(config)
+    engine, group = start_engine(config, logging.getLevelName(logging.getLogger().level))
+    follower_pids = group.follower_pids() if group else []
     stop = _StopSignal()
-    server_thread = threading.Thread(target=_serve_then_stop, args=(config, engine, stop, grace_s), name="rpc")
+    server_thread = threading.Thread(target=_serve_then_stop, args=(config, engine, follower_pids, stop, grace_s),
+                                     name="rpc")
     server_thread.start()
     stop.install()
     engine.run_here()
     server_thread.join()
-    _stop_followers(engine)
-
-
-def _stop_followers(engine) -> None:
-    """Tell a tensor-parallel group's followers to exit, and make sure they did."""
-    driver = getattr(engine, "tp_driver", None)
-    if driver is None:
-        return
-    try:
-        driver.shutdown()
-    except Exception as exc:  # a follower already gone: it exits on its own
-        log.warning("could not stop tensor-parallel followers cleanly: %s", exc)
-    for proc in engine.tp_followers:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    if group is not None:
+        group.stop()
 
 
 class _StopSignal:
@@ -72,38 +58,41 @@ class _StopSignal:
             self.loop.call_soon_threadsafe(self.event.set)
 
 
-def _serve_then_stop(config: WorkerConfig, engine, stop: _StopSignal, grace_s: float) -> None:
+def _serve_then_stop(config: WorkerConfig, engine, follower_pids: list[int], stop: _StopSignal,
+                     grace_s: float) -> None:
     try:
-        uvloop.run(_serve(config, engine, stop, grace_s))
+        uvloop.run(_serve(config, engine, follower_pids, stop, grace_s))
     except Exception:
         log.exception("worker server failed")
     finally:
         engine.stop()  # ends run_here() on the main thread
 
 
-async def _serve(config: WorkerConfig, engine, stop: _StopSignal, grace_s: float) -> None:
+async def _serve(config: WorkerConfig, engine, follower_pids: list[int], stop: _StopSignal, grace_s: float) -> None:
     stop.loop, stop.event = asyncio.get_running_loop(), asyncio.Event()
     stop.ready.set()
-    state = WorkerState(config, engine, address="")
+    state = WorkerState(config, engine, "", follower_pids)
+    listen = config.listen
+    host = listen.advertised_host()
     background = []
     if config.role == "prefill":
-        sender = KVSender(engine, config.kv_timeout_s, config.held_kv_ttl_s)
+        sender = KVSender(engine, host, config.kv_timeout_s, config.held_kv_ttl_s)
         spec = ServiceSpec(prefill_pb2_grpc.add_PrefillWorkerServicer_to_server, PrefillWorkerServicer(state, sender),
                            service_name(prefill_pb2, "PrefillWorker"))
         background.append(sender.expire_forever())
     else:
         clients = PrefillClients()
-        receiver = KVReceiver("", config.host, engine.engine.layout, config.kv_timeout_s)
+        receiver = KVReceiver("", host, engine.engine.layout, config.kv_timeout_s)
         spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
                            DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients, config.prefill_timeout_s)),
                            service_name(decode_pb2, "DecodeWorker"))
-    server = build_server([spec], port=config.port, host=config.host)
-    state.address = f"{config.host}:{server.port}"
+    server = build_server([spec], port=listen.port, host=listen.host)
+    state.address = listen.dial(server.port)
     state.worker_id = config.worker_id or f"{config.role}-{state.address}"
     if config.role == "decode":
         receiver.worker_id = state.worker_id
-    metrics_port = metrics.serve_metrics(config.metrics_port, config.host)
-    state.metrics_address = f"{config.host}:{metrics_port}" if metrics_port else ""
+    metrics_port = metrics.serve_metrics(listen.metrics_port, listen.host)
+    state.metrics_address = listen.dial(metrics_port) if metrics_port else ""
     registration = Registration(config.scheduler_address, state.register_request, state.load,
                                 config.heartbeat_interval_s)
     await server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
@@ -27,34 +28,42 @@ def apply_cpu_placement(cpu: CpuPlacement) -> None:
         os.nice(cpu.nice)  # relative to the parent: serve starts every worker from nice 0
 
 
-def start_engine(config: WorkerConfig) -> AsyncEngine:
-    apply_cpu_placement(config.cpu)
-    checkpoint = load_checkpoint(config.model, log=log.info)
-    if config.tp > 1:
-        from pdmesh.worker.tensor_parallel_group import start_tp_engine
+def group_threads(config: WorkerConfig) -> CpuPlacement:
+    """Each rank's share: a tensor-parallel group splits the worker's threads among its ranks."""
+    if config.tp == 1:
+        return config.cpu
+    return replace(config.cpu, threads=max(1, (config.cpu.threads or os.cpu_count() or 1) // config.tp))
 
-        engine, driver, followers = start_tp_engine(config, checkpoint)
-        async_engine = AsyncEngine(engine, own_thread=False)
-        async_engine.tp_driver, async_engine.tp_followers = driver, followers
-        return async_engine
-    if config.engine_kind == "echo":
+
+def start_engine(config: WorkerConfig, log_level: str = "INFO"):
+    """(AsyncEngine stepped by the caller, the tensor-parallel group or None)."""
+    apply_cpu_placement(group_threads(config))
+    checkpoint = load_checkpoint(config.model, log=log.info)
+    group = None
+    if config.tp > 1:
+        from pdmesh.worker.tensor_parallel_group import start_tp_group
+
+        group = start_tp_group(config, checkpoint, log_level)
+        engine = group.engine
+    elif config.engine_kind == "echo":
         model_config = echo_config(checkpoint.config)
-        engine = LLMEngine(model_config, {}, config.engine, model=EchoModel(model_config, config.echo_step_delay_s))
+        engine = LLMEngine(model_config, {}, config.engine, model=EchoModel(model_config, config.echo_step_ms / 1000))
     else:
         engine = LLMEngine(checkpoint.config, checkpoint.weights, config.engine)
     log.info("%s worker: %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
              engine.model_config.name, engine.num_total_blocks, config.engine.block_size,
              torch.get_num_threads(), os.nice(0))
-    return AsyncEngine(engine, own_thread=False)  # the worker steps it on the main thread
+    return AsyncEngine(engine, own_thread=False), group  # the worker steps it on the main thread
 
 
 class WorkerState:
     """What a worker reports on every heartbeat; also keeps its Prometheus gauges current."""
 
-    def __init__(self, config: WorkerConfig, engine: AsyncEngine, address: str):
+    def __init__(self, config: WorkerConfig, engine: AsyncEngine, address: str, follower_pids: list[int]):
         self.config = config
         self.engine = engine
         self.address = address
+        self.follower_pids = follower_pids
         self.worker_id = config.worker_id or f"{config.role}-{address}"
         self.queued_prompt_tokens = 0
         self.requests_total = 0
@@ -83,7 +92,7 @@ class WorkerState:
                                      requests_total=self.requests_total)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
-        pids = [os.getpid(), *[p.pid for p in getattr(self.engine, "tp_followers", [])]]
+        pids = [os.getpid(), *self.follower_pids]
         heads = self.engine.engine.layout.rank_kv_heads or (self.engine.engine.layout.kv_head_ids,)
         return [worker_pb2.TPRank(rank=r, pid=pid, kv_head_ids=list(h)) for r, (pid, h) in enumerate(zip(pids, heads))]
 
@@ -92,4 +101,4 @@ class WorkerState:
                                             model=self.engine.engine.model_config.name, tp_size=self.config.tp,
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.engine.layout),
-                                            metrics_address=self.metrics_address)
+                                            metrics_address=self.metrics_address, restarts=self.config.restarts)

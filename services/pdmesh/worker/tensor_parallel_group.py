@@ -1,10 +1,11 @@
 """Starting a worker's tensor-parallel group: rank 0 (this process) spawns the followers.
 
-Rank 0 serves a TCPStore for the group, starts one follower process per other rank (each loads
-the checkpoint and keeps its shard), joins the Gloo group, and wraps its engine. If any rank
-fails, rank 0 exits at once: its gRPC port closes, the scheduler takes the whole group out of
-routing, and its requests are retried on other workers; the followers see the group fail and
-exit too. No rank is left waiting forever.
+Rank 0 serves a TCPStore for the group on its own address, starts one follower process per other
+rank (each gets the worker's config whole and its rank, loads the checkpoint and keeps its
+shard), joins the Gloo group, and wraps its engine. If any rank fails, rank 0 exits at once: its
+gRPC port closes, the scheduler takes the whole group out of routing, its requests are retried
+on other workers, and a supervisor starts the whole group again; the followers see the group fail
+(or their parent die) and exit too. No rank is left waiting forever.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import atexit
 import logging
 import os
 import subprocess
-import sys
+from dataclasses import dataclass
 
-import torch.distributed as dist
+import torch
 
+from pdmesh.child import TPFollowerSpec, spawn
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.checkpoint import Checkpoint
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.model import LlamaModel
+from pdmesh.engine.process_group import serve_store
 from pdmesh.engine.tensor_parallel import TPGroup, check_tp_size, kv_heads_of, shard_weights
 from pdmesh.engine.tp_engine import TPDriver, make_tp_engine
 
@@ -29,17 +32,43 @@ JOIN_TIMEOUT_S = 300.0  # followers load the model before they join
 OP_TIMEOUT_S = 10.0
 
 
-def start_tp_engine(config: WorkerConfig, checkpoint: Checkpoint) -> tuple[LLMEngine, TPDriver, list]:
+@dataclass
+class TPWorkerGroup:
+    """Rank 0's engine plus what it needs to stop the group: the driver and the follower processes."""
+
+    engine: LLMEngine
+    driver: TPDriver
+    followers: list[subprocess.Popen]
+
+    def follower_pids(self) -> list[int]:
+        return [p.pid for p in self.followers]
+
+    def stop(self) -> None:
+        """Tell the followers to exit, and make sure they did."""
+        try:
+            self.driver.shutdown()
+        except Exception as exc:  # a follower already gone: it exits on its own
+            log.warning("could not stop tensor-parallel followers cleanly: %s", exc)
+        for proc in self.followers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_tp_group(config: WorkerConfig, checkpoint: Checkpoint, log_level: str) -> TPWorkerGroup:
     size = config.tp
     check_tp_size(checkpoint.config, size)
-    store = dist.TCPStore(config.host, 0, size, is_master=True, wait_for_workers=False)
-    followers = [_spawn_follower(config, store.port, rank) for rank in range(1, size)]
+    host = config.listen.advertised_host()
+    store = serve_store(host, size, JOIN_TIMEOUT_S)
+    followers = [spawn("tp-follower", TPFollowerSpec(config, rank, host, store.port), log_level)
+                 for rank in range(1, size)]
     atexit.register(_kill, followers)
-    group = TPGroup(store, 0, size, JOIN_TIMEOUT_S)
+    group = TPGroup(store, 0, size, JOIN_TIMEOUT_S, host)
     group.timeout = type(group.timeout)(seconds=OP_TIMEOUT_S)
     group.store = store  # the store must outlive the group
-    weights = shard_weights({n: w.to(getattr(__import__("torch"), config.engine.dtype))
-                             for n, w in checkpoint.weights.items()}, checkpoint.config, 0, size)
+    dtype = getattr(torch, config.engine.dtype)
+    weights = shard_weights({n: w.to(dtype) for n, w in checkpoint.weights.items()}, checkpoint.config, 0, size)
     max_len = min(config.engine.max_model_len or checkpoint.config.max_position_embeddings,
                   checkpoint.config.max_position_embeddings)
     model = LlamaModel(checkpoint.config, weights, max_len, all_reduce=group.all_reduce)
@@ -48,17 +77,7 @@ def start_tp_engine(config: WorkerConfig, checkpoint: Checkpoint) -> tuple[LLMEn
                        model=driver)
     make_tp_engine(engine, group, driver)
     log.info("tensor-parallel group of %d ready (follower pids %s)", size, [p.pid for p in followers])
-    return engine, driver, followers
-
-
-def _spawn_follower(config: WorkerConfig, store_port: int, rank: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pdmesh.worker.tp_follower", "--store", f"{config.host}:{store_port}",
-           "--rank", str(rank), "--tp", str(config.tp), "--dtype", config.engine.dtype,
-           "--threads", str(config.cpu.threads), "--nice", str(config.cpu.nice),
-           "--max-model-len", str(config.engine.max_model_len)]
-    if config.model:
-        cmd += ["--model", config.model]
-    return subprocess.Popen(cmd)
+    return TPWorkerGroup(engine, driver, followers)
 
 
 def _kill(followers: list[subprocess.Popen]) -> None:
