@@ -65,6 +65,10 @@ class ServeConfig:
         "seconds to wait for every service at start", flag="ready-timeout"))
     warmup: bool = field(default=True, metadata=option("answer one warm-up request once ready"))
 
+    def __post_init__(self):
+        for role in ("prefill", "decode"):  # each worker's own config would refuse it, later
+            replace(self.worker, role=role, tp=self.plan(role).tp)
+
     def scheduler_address(self) -> str:
         return self.scheduler.listen.dial(self.scheduler.listen.port)
 

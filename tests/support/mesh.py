@@ -89,6 +89,9 @@ class Mesh:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
 
+    def live_children(self) -> set[int]:
+        return alive(descendants(self.process.pid))
+
     def leftovers(self) -> set[int]:
         return alive(self.children)
 

@@ -1,0 +1,59 @@
+"""Helpers for failure tests through `pdmesh serve` itself: metrics by address, the scheduler's
+metrics port from serve's log, killing one child of the supervised mesh, chaos table rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+from support.mesh import Mesh
+
+
+def metric(address: str, name: str) -> float:
+    """Sum of every sample of `name` (all label sets) at http://address/metrics."""
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in body.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def scheduler_metrics_address(mesh: Mesh) -> str:
+    """The current scheduler's metrics address (the last one serve's log names: it may have restarted)."""
+    port = re.findall(r"pdmesh scheduler serving .* \(metrics :(\d+)\)", mesh.log_path.read_text())[-1]
+    return f"127.0.0.1:{port}"
+
+
+def worker(mesh: Mesh, worker_id: str):
+    return next(w for w in mesh.workers() if w.worker_id == worker_id)
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # the scheduler may be restarting
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not reached in {timeout_s}s")
+
+
+def wait_back(mesh: Mesh, worker_id: str, restarts: int, timeout_s: float = 60.0) -> float:
+    """Seconds until `worker_id` is healthy again after its `restarts`-th restart."""
+    start = time.monotonic()
+    wait_until(lambda: (w := worker(mesh, worker_id)).healthy and w.restarts >= restarts, timeout_s,
+               f"{worker_id} back after restart {restarts}")
+    return time.monotonic() - start
+
+
+def record_row(row: dict) -> None:
+    """Append one chaos-table row to $PDMESH_CHAOS_REPORT (JSON lines) when it is set."""
+    path = os.environ.get("PDMESH_CHAOS_REPORT")
+    if path:
+        with Path(path).open("a") as f:
+            f.write(json.dumps(row) + "\n")
