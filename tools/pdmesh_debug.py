@@ -7,9 +7,12 @@
     python tools/pdmesh_debug.py status
     python tools/pdmesh_debug.py call pdmesh.v1.Scheduler/GetClusterStatus '{}'
 
-`--addr host:port` picks the server (default 127.0.0.1:50051). When `grpcurl` is on PATH the command
-is handed to `grpcurl -plaintext` (its output format) unless `--builtin` is given; otherwise
-pdmesh.rpc.reflection_client does the work. Exit status: 0 on success, 1 when the call failed or
+`--addr host:port` picks the server (default 127.0.0.1:50051). `generate` sends a chat message
+(the model's chat template applies; `--raw` sends the text as a plain prompt). `--api-key KEY`
+authenticates as a tenant, `--tls-ca FILE` speaks TLS to a client port that has it, and
+`--cluster-secret-file FILE` calls a worker's or the scheduler's internal RPCs as the mesh itself.
+When `grpcurl` is on PATH the command is handed to grpcurl (its output format) unless `--builtin`
+is given; otherwise pdmesh.rpc.reflection_client does the work. Exit status: 0 on success, 1 when the call failed or
 health is not SERVING, 2 on bad usage.
 """
 
@@ -25,6 +28,7 @@ from typing import Any, Callable
 import grpc
 
 from pdmesh.errors import PdmeshError
+from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
 from pdmesh.rpc.errors import rich_details
 from pdmesh.rpc.reflection_client import ReflectionClient
 
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builtin", action="store_true", help="never shell out to grpcurl")
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
     parser.add_argument("--scheduler-service", default=SCHEDULER, help="full name of the scheduler")
+    parser.add_argument("--api-key", default=None, help="tenant API key (authorization: Bearer KEY)")
+    parser.add_argument("--tls-ca", default=None, help="CA certificate (PEM): speak TLS, trusting this CA")
+    parser.add_argument("--cluster-secret-file", default=None, help="call internal RPCs with the cluster secret")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the services")
     commands.add_parser("describe", help="show a service, method, message or enum").add_argument(
@@ -51,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="stream a completion from the scheduler")
     generate.add_argument("prompt")
     generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--raw", action="store_true", help="send a plain-text prompt, not a chat message")
     commands.add_parser("status", help="the scheduler's cluster status")
     call = commands.add_parser("call", help="call any unary or server-streaming method")
     call.add_argument("method", help="pkg.Service/Method")
@@ -63,10 +71,8 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any] | str] | N
     if args.command == "health":
         return HEALTH_CHECK, {"service": args.service}
     if args.command == "generate":
-        return f"{args.scheduler_service}/Generate", {
-            "prompt": args.prompt,
-            "max_tokens": args.max_tokens,
-        }
+        prompt = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+        return f"{args.scheduler_service}/Generate", {**prompt, "max_tokens": args.max_tokens}
     if args.command == "status":
         return f"{args.scheduler_service}/GetClusterStatus", {}
     if args.command == "call":
@@ -77,9 +83,20 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any] | str] | N
 # grpcurl
 
 
+def metadata_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Call metadata: the API key and the cluster secret, when given."""
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    if args.cluster_secret_file:
+        with open(args.cluster_secret_file) as f:
+            metadata.append((CLUSTER_SECRET_KEY, f.read().strip()))
+    return metadata
+
+
 def grpcurl_argv(grpcurl: str, args: argparse.Namespace) -> list[str]:
     """The grpcurl command line equivalent to `args`."""
-    argv = [grpcurl, "-plaintext"]
+    argv = [grpcurl, "-cacert", args.tls_ca] if args.tls_ca else [grpcurl, "-plaintext"]
+    for key, value in metadata_of(args):
+        argv += ["-H", f"{key}: {value}"]
     if args.timeout is not None:
         argv += ["-max-time", str(args.timeout)]
     if args.command == "list":
@@ -101,7 +118,11 @@ def run_grpcurl(grpcurl: str, args: argparse.Namespace) -> int:
 
 def run_builtin(args: argparse.Namespace) -> int:
     """Run the command with pdmesh's reflection client; errors go to stderr."""
-    with ReflectionClient(args.addr) as client:
+    channel = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            channel = grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(f.read()))
+    with ReflectionClient(args.addr, channel, metadata=metadata_of(args)) as client:
         try:
             return COMMANDS[args.command](client, args)
         except grpc.RpcError as exc:

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 from pdmesh import config_loader
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("PDMESH_LOG_LEVEL", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (env PDMESH_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
+    certs = sub.add_parser("certs", help="write a development CA and per-role certificates into DIR")
+    certs.add_argument("dir", help="folder to write ca.pem, <role>.pem and <role>-key.pem into")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default: 30)")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1",
+                       help="comma-separated names and addresses clients dial (default: localhost,127.0.0.1)")
     for command, (text, _, _) in COMMANDS.items():
         p = sub.add_parser(command, help=text, description=text)
         p.add_argument("--config", default=os.environ.get("PDMESH_CONFIG"),
@@ -46,14 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Any:
     """The config the command runs with: ServeConfig, SchedulerConfig or WorkerConfig."""
+    env = os.environ if env is None else env
     flags = command_flags(args.command)
     values = config_loader.resolve(flags, args, args.config, env)
-    if args.command == "scheduler":
-        return config_loader.build(SchedulerConfig, "scheduler", flags, values)
     if args.command in ("prefill", "decode"):
-        return config_loader.build(WorkerConfig, "worker", flags, values, role=args.command)
-    return config_loader.build(ServeConfig, "serve", flags, values,
-                               scheduler=config_loader.build(SchedulerConfig, "scheduler", flags, values),
+        worker = config_loader.build(WorkerConfig, "worker", flags, values, role=args.command)
+        return replace(worker, security=worker.security.with_secret(env))
+    scheduler = config_loader.build(SchedulerConfig, "scheduler", flags, values)
+    scheduler = replace(scheduler, security=scheduler.security.with_secret(env))
+    if args.command == "scheduler":
+        return scheduler
+    return config_loader.build(ServeConfig, "serve", flags, values, scheduler=scheduler,
                                worker=config_loader.build(WorkerConfig, "worker", flags, values))
 
 
@@ -61,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "certs":
+        from pdmesh.certs import write_dev_certs
+        folder = write_dev_certs(args.dir, args.days, tuple(h for h in args.hosts.split(",") if h))
+        print(f"wrote a development CA and scheduler/prefill/decode certificates to {folder} "
+              f"(valid {args.days} days); use --tls-dir {folder}")
+        return 0
     try:
         return _run(args.command, configs_from(args), args.log_level)
     except PdmeshError as exc:

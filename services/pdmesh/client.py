@@ -73,6 +73,13 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _tls(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    if tls_ca is None:
+        return None
+    with open(tls_ca, "rb") as f:
+        return grpc.ssl_channel_credentials(f.read())
+
+
 class _Settings:
     def __init__(self, address: str, timeout_s: float, retries: int, api_key: str | None):
         self.address = address
@@ -86,9 +93,11 @@ class PdmeshClient(_Settings):
     """Blocking client; one gRPC channel, thread-safe."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
-                 api_key: str | None = None):
+                 api_key: str | None = None, tls_ca: str | None = None):
+        """tls_ca: a CA certificate (PEM file) to speak TLS to a client port that has it."""
         super().__init__(address, timeout_s, retries, api_key)
-        self.channel = grpc.insecure_channel(address)
+        tls = _tls(tls_ca)
+        self.channel = grpc.secure_channel(address, tls) if tls else grpc.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
     def stream(self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs) -> Iterator[Chunk]:
@@ -111,10 +120,12 @@ class PdmeshClient(_Settings):
         return list(self.stub.CountTokens(request, timeout=self.timeout_s, metadata=self.metadata).token_ids)
 
     def list_models(self) -> list[scheduler_pb2.Model]:
-        return list(self.stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=self.timeout_s).models)
+        return list(self.stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=self.timeout_s,
+                                         metadata=self.metadata).models)
 
     def cluster_status(self) -> scheduler_pb2.ClusterStatus:
-        return self.stub.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=self.timeout_s)
+        return self.stub.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=self.timeout_s,
+                                          metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -130,9 +141,10 @@ class AsyncPdmeshClient(_Settings):
     """asyncio client (grpc.aio); create and use it inside one event loop."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
-                 api_key: str | None = None):
+                 api_key: str | None = None, tls_ca: str | None = None):
         super().__init__(address, timeout_s, retries, api_key)
-        self.channel = grpc.aio.insecure_channel(address)
+        tls = _tls(tls_ca)
+        self.channel = grpc.aio.secure_channel(address, tls) if tls else grpc.aio.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
     async def stream(self, prompt: str | None = None, *, timeout_s: float | None = None,

@@ -9,7 +9,9 @@ line, `PDMESH_<FLAG>` and `--config FILE`.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
 
 from pdmesh.engine.engine_config import MAX_MODEL_LEN_OPTION, EngineConfig
 from pdmesh.errors import InvalidRequestError
@@ -18,6 +20,7 @@ from pdmesh.option import group, option
 ROLES = ("prefill", "decode")
 ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load tests only)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+SECRET_ENV = "PDMESH_CLUSTER_SECRET"
 MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
 
 
@@ -49,6 +52,42 @@ class Listen:
         """host:port that peers use to reach `port` of this service."""
         host = self.advertised_host()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How the mesh's own processes authenticate each other on internal ports (every internal
+    RPC, always): mutual TLS when `tls_dir` holds certificates, else the cluster secret."""
+
+    cluster_secret_file: str | None = field(default=None, metadata=option(
+        "file holding the cluster secret that internal RPCs carry (or env PDMESH_CLUSTER_SECRET; "
+        "pdmesh serve makes one when neither is given)"))
+    tls_dir: str | None = field(default=None, metadata=option(
+        "folder with ca.pem and this role's <role>.pem/<role>-key.pem (pdmesh certs DIR): mutual TLS "
+        "on internal ports"))
+    cluster_secret: str = ""  # read from the file or the environment; never a flag (ps would show it)
+
+    def with_secret(self, env: Mapping[str, str]) -> "Security":
+        """This config with the secret read from cluster_secret_file or PDMESH_CLUSTER_SECRET."""
+        if self.cluster_secret:
+            return self
+        secret = env.get(SECRET_ENV, "")
+        if self.cluster_secret_file:
+            try:
+                secret = Path(self.cluster_secret_file).read_text().strip()
+            except OSError as exc:
+                raise InvalidRequestError(f"cannot read cluster secret file: {exc}", "cluster_secret_file") from exc
+            if not secret:
+                raise InvalidRequestError(f"cluster secret file {self.cluster_secret_file} is empty",
+                                          "cluster_secret_file")
+        return replace(self, cluster_secret=secret)
+
+    def require(self) -> None:
+        """Internal ports are never open: refuse to start without a credential."""
+        if not self.cluster_secret and not self.tls_dir:
+            raise InvalidRequestError(
+                "internal RPCs need a credential: --cluster-secret-file, PDMESH_CLUSTER_SECRET or --tls-dir "
+                "(pdmesh serve makes a secret for its own children)", "cluster_secret_file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +125,7 @@ class WorkerConfig:
     prefill_timeout_s: float = field(default=30.0, metadata=option(
         "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
     heartbeat_interval_s: float = 1.0  # until the scheduler says otherwise at registration
-    cluster_secret: str = ""  # authenticates internal calls (never a flag: it would show in ps)
+    security: Security = field(default_factory=Security, metadata=group())
     restarts: int = 0  # times a supervisor restarted this worker (reported in cluster status)
 
     def __post_init__(self):
@@ -124,7 +163,20 @@ class SchedulerConfig:
         "seconds between a worker's heartbeats", flag="heartbeat-interval"))
     heartbeat_timeout_s: float = field(default=3.0, metadata=option(
         "a worker silent this many seconds leaves routing", flag="heartbeat-timeout"))
-    cluster_secret: str = ""  # authenticates internal callers (serve's warm-up among them)
+    internal_port: int = field(default=50052, metadata=option(
+        "port of the internal face (worker membership), for workers' --scheduler (0: a free one)"))
+    security: Security = field(default_factory=Security, metadata=group())
+    tls_cert: str | None = field(default=None, metadata=option("PEM certificate for TLS on the client port"))
+    tls_key: str | None = field(default=None, metadata=option("PEM private key for TLS on the client port"))
+    max_stop_strings: int = field(default=16, metadata=option("most stop strings one request may carry"))
+    max_stop_string_chars: int = field(default=256, metadata=option("longest stop string, in characters"))
+    max_request_bytes: int = field(default=4 * 2**20, metadata=option(
+        "largest request message the client port accepts, bytes (larger: RESOURCE_EXHAUSTED)"))
+    max_streams_per_connection: int = field(default=256, metadata=option(
+        "concurrent calls one client connection may open (HTTP/2 max_concurrent_streams)"))
+    client_stall_timeout_s: float = field(default=30.0, metadata=option(
+        "a client that reads nothing of its stream for this many seconds is cancelled (its KV freed)",
+        flag="client-stall-timeout"))
     restarts: int = 0  # times a supervisor restarted the scheduler
 
     def __post_init__(self):
@@ -138,3 +190,12 @@ class SchedulerConfig:
             raise InvalidRequestError("local_prefill_threshold must be >= 0", "local_prefill_threshold")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise InvalidRequestError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        for name in ("max_stop_strings", "max_stop_string_chars", "max_request_bytes", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidRequestError("--tls-cert and --tls-key go together", "tls_cert")
+
+    def internal_address(self) -> str:
+        """What workers dial for membership (their --scheduler)."""
+        return self.listen.dial(self.internal_port)

@@ -41,6 +41,10 @@ class DeadlineError(PdmeshError):
     """A deadline passed before the work finished (gRPC DEADLINE_EXCEEDED)."""
 
 
+class PermissionDeniedError(PdmeshError):
+    """The caller is known but may not do this (gRPC PERMISSION_DENIED)."""
+
+
 class UnavailableError(PdmeshError):
     """A needed worker or peer is down or draining; retry later (gRPC UNAVAILABLE)."""
 

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,16 +33,23 @@ WARMUP_QUESTION = "What is the capital of France?"
 
 
 def with_concrete_ports(config: ServeConfig) -> ServeConfig:
-    """A free port for the scheduler when asked for 0 (a restarted scheduler must come back on the
-    same port), and a cluster secret when none was given."""
+    """Free ports for the scheduler's faces when asked for 0 (a restarted scheduler must come back
+    on the same ports), and a fresh cluster secret when none was given: the mesh is closed to
+    other processes by default."""
     scheduler = config.scheduler
     if scheduler.listen.port == 0:
-        with socket.socket() as s:
-            s.bind((scheduler.listen.host, 0))
-            scheduler = replace(scheduler, listen=replace(scheduler.listen, port=s.getsockname()[1]))
-    if not scheduler.cluster_secret:
-        scheduler = replace(scheduler, cluster_secret=cluster_auth.new_secret())
+        scheduler = replace(scheduler, listen=replace(scheduler.listen, port=_free_port(scheduler.listen.host)))
+    if scheduler.internal_port == 0:
+        scheduler = replace(scheduler, internal_port=_free_port(scheduler.listen.host))
+    if not scheduler.security.cluster_secret:
+        scheduler = replace(scheduler, security=replace(scheduler.security, cluster_secret=cluster_auth.new_secret()))
     return replace(config, scheduler=scheduler)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def start_children(config: ServeConfig, supervisor: Supervisor, log_level: str) -> None:
@@ -65,10 +73,21 @@ def _environ(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def client_channel(config: ServeConfig) -> grpc.Channel:
+    """serve's own channel to the client port, TLS when the port has it (trusting the cluster CA
+    in --tls-dir when given, else the port's own certificate)."""
+    scheduler = config.scheduler
+    if not scheduler.tls_cert:
+        return grpc.insecure_channel(config.scheduler_address())
+    tls_dir = scheduler.security.tls_dir
+    root = Path(tls_dir, "ca.pem") if tls_dir else Path(scheduler.tls_cert)
+    return grpc.secure_channel(config.scheduler_address(), grpc.ssl_channel_credentials(root.read_bytes()))
+
+
 def wait_ready(config: ServeConfig, supervisor: Supervisor, deadline: float) -> None:
     address = config.scheduler_address()
     expected = config.prefill.workers + config.decode.workers
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(config) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         while time.monotonic() < deadline:
@@ -79,7 +98,7 @@ def wait_ready(config: ServeConfig, supervisor: Supervisor, deadline: float) -> 
             try:
                 serving = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
                 status = scheduler.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=2,
-                                                    metadata=cluster_auth.metadata(config.scheduler.cluster_secret))
+                                                    metadata=cluster_auth.metadata(config.scheduler.security.cluster_secret))
                 if serving == health_pb2.HealthCheckResponse.SERVING and sum(w.healthy for w in status.workers) == expected:
                     return
             except grpc.RpcError:
@@ -96,9 +115,9 @@ def warm_up(config: ServeConfig) -> None:
                                             max_tokens=32)
     start = time.perf_counter()
     try:
-        with grpc.insecure_channel(config.scheduler_address()) as channel:
+        with client_channel(config) as channel:
             chunks = list(scheduler_pb2_grpc.SchedulerStub(channel).Generate(
-                request, timeout=120, metadata=cluster_auth.metadata(config.scheduler.cluster_secret)))
+                request, timeout=120, metadata=cluster_auth.metadata(config.scheduler.security.cluster_secret)))
     except grpc.RpcError as exc:
         print(f"  warm-up failed ({exc.code().name}: {exc.details()}); serving anyway", flush=True)
         return

@@ -81,9 +81,9 @@ class ServeConfig:
         nice = DEFAULT_NICE[role] if plan.nice is None else plan.nice
         listen = replace(self.worker.listen, host=self.scheduler.listen.host, port=0, metrics_port=0,
                          advertise_address=self.scheduler.listen.advertise_address)
-        return replace(self.worker, role=role, worker_id=f"{role}-{index}", scheduler_address=self.scheduler_address(),
-                       listen=listen, tp=plan.tp, cpu=CpuPlacement(plan.threads or os.cpu_count() or 1, nice),
-                       cluster_secret=self.scheduler.cluster_secret)
+        return replace(self.worker, role=role, worker_id=f"{role}-{index}",
+                       scheduler_address=self.scheduler.internal_address(), listen=listen, tp=plan.tp,
+                       cpu=CpuPlacement(plan.threads or os.cpu_count() or 1, nice), security=self.scheduler.security)
 
 
 # Worker flags that serve sets per child rather than taking from its own command line.

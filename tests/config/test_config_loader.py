@@ -53,7 +53,7 @@ def test_serve_sets_what_any_worker_can():
     assert (worker.kv_timeout_s, worker.held_kv_ttl_s, worker.prefill_timeout_s) == (4, 7, 9)
     assert worker.model == "/m.gguf" and worker.engine.max_model_len == 512
     assert worker.worker_id == "prefill-1" and worker.role == "prefill"
-    assert worker.scheduler_address == "127.0.0.1:6000" and worker.listen.port == 0
+    assert worker.scheduler_address == "127.0.0.1:50052" and worker.listen.port == 0  # the internal face
     assert worker.cpu.nice == 10 and config.worker_config("decode", 0).cpu.nice == 0
 
 
@@ -108,7 +108,8 @@ def test_the_cli_reports_a_bad_setting_and_exits_2():
 
 def test_children_get_their_config_whole():
     serve = parse(["serve", "--decode-tp", "2", "--dtype", "bfloat16"])
-    worker = replace(serve.worker_config("decode", 0), cluster_secret="s3cret", restarts=2)
+    worker = serve.worker_config("decode", 0)
+    worker = replace(worker, security=replace(worker.security, cluster_secret="s3cret"), restarts=2)
     assert config_loader.from_json(WorkerConfig, config_loader.to_json(worker)) == worker
     spec = TPFollowerSpec(worker, 1, "10.0.0.5", 1234)
     assert config_loader.from_json(TPFollowerSpec, config_loader.to_json(spec)) == spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,25 +18,29 @@ from support.mesh import free_port
 
 @pytest.fixture
 def lone_scheduler(tmp_path):
-    port = free_port()
+    port, internal = free_port(), free_port()
     log = open(tmp_path / "scheduler.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "scheduler", "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", "scheduler", "--port", str(port),
+                                "--internal-port", str(internal)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PDMESH_CLUSTER_SECRET": "lone-secret"})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while "serving" not in (tmp_path / "scheduler.log").read_text():
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
         time.sleep(0.2)
-    yield address
+    yield address, f"127.0.0.1:{internal}"
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
 
 
 def test_not_serving_without_workers(lone_scheduler):
-    with ReflectionClient(lone_scheduler) as client:
+    client_address, internal_address = lone_scheduler
+    with ReflectionClient(client_address) as client:
         assert client.health() == "NOT_SERVING"
+        assert "pdmesh.v1.Registry" not in client.list_services()  # membership is not on the client port
+    with ReflectionClient(internal_address) as client:
         assert client.health("pdmesh.v1.Registry") == "SERVING"  # workers may still join
-    with PdmeshClient(lone_scheduler, retries=0) as client:
+    with PdmeshClient(client_address, retries=0) as client:
         with pytest.raises(grpc.RpcError) as err:
             client.generate(prompt="hello", max_tokens=2)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

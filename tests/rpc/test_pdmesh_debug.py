@@ -72,7 +72,7 @@ def test_call_with_bad_json_fails_cleanly(run):
 
 
 def test_generate_prints_deltas_then_summary(run):
-    status, out, err = run(*SCHEDULER, "generate", "hello", "--max-tokens", "3")
+    status, out, err = run(*SCHEDULER, "generate", "hello", "--max-tokens", "3", "--raw")
     assert (status, out) == (0, "HEL\n")
     assert json.loads(err) == {
         "finish_reason": "length",
@@ -102,8 +102,14 @@ def fake_grpcurl(tmp_path, monkeypatch):
         (["list"], ["-plaintext", "h:1", "list"]),
         (["describe", "pdmesh.v1.Scheduler"], ["-plaintext", "h:1", "describe", "pdmesh.v1.Scheduler"]),
         (["health"], ["-plaintext", "-d", '{"service": ""}', "h:1", "grpc.health.v1.Health/Check"]),
-        (["generate", "Hi", "--max-tokens", "4"],
+        (["generate", "Hi", "--max-tokens", "4", "--raw"],
          ["-plaintext", "-d", '{"prompt": "Hi", "max_tokens": 4}', "h:1", "pdmesh.v1.Scheduler/Generate"]),
+        (["generate", "Hi", "--max-tokens", "4"],  # chat form by default: an instruct model answers
+         ["-plaintext", "-d", '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}', "h:1",
+          "pdmesh.v1.Scheduler/Generate"]),
+        (["--api-key", "k1", "--tls-ca", "/ca.pem", "status"],
+         ["-cacert", "/ca.pem", "-H", "authorization: Bearer k1", "-d", "{}", "h:1",
+          "pdmesh.v1.Scheduler/GetClusterStatus"]),
         (["status"], ["-plaintext", "-d", "{}", "h:1", "pdmesh.v1.Scheduler/GetClusterStatus"]),
         (["--timeout", "2", "call", "a.B/C", '{"x": 1}'],
          ["-plaintext", "-max-time", "2.0", "-d", '{"x": 1}', "h:1", "a.B/C"]),

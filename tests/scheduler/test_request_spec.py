@@ -76,7 +76,7 @@ def test_number_of_stop_strings(model, count, ok):
     if ok:
         assert len(build_spec(request(**fields), model, CAPS).stop) == count
     else:
-        assert "stop has 17 strings; the limit is 16" == invalid(model, "stop", **fields)
+        assert "stop has 17 strings; the limit is 16 (--max-stop-strings)" == invalid(model, "stop", **fields)
 
 
 @pytest.mark.parametrize("length,ok", [(MAX_STOP_STRING_CHARS - 1, True), (MAX_STOP_STRING_CHARS, True),
@@ -86,7 +86,21 @@ def test_length_of_stop_strings(model, length, ok):
     if ok:
         build_spec(request(**fields), model, CAPS)
     else:
-        assert "stop[0] has 257 characters; the limit is 256" == invalid(model, "stop[0]", **fields)
+        assert "stop[0] has 257 characters; the limit is 256 (--max-stop-string-chars)" == invalid(
+            model, "stop[0]", **fields)
+
+
+def test_stop_limits_are_flags(model):
+    """--max-stop-strings and --max-stop-string-chars set the caps (a 10,000-string list and a 1 MB
+    string are refused by them, naming the limit and the value)."""
+    caps = Caps.resolve(256, 100, 120, 64, max_stop_strings=2, max_stop_string_chars=4)
+    build_spec(request(prompt="hi", stop=["abcd", "ef"]), model, caps)
+    with pytest.raises(InvalidRequestError, match="stop has 3 strings; the limit is 2"):
+        build_spec(request(prompt="hi", stop=["a", "b", "c"]), model, caps)
+    with pytest.raises(InvalidRequestError, match="stop has 10,000 strings; the limit is 16"):
+        build_spec(request(prompt="hi", stop=[str(i) for i in range(10_000)]), model, CAPS)
+    with pytest.raises(InvalidRequestError, match=r"stop\[0\] has 1,000,000 characters; the limit is 256"):
+        build_spec(request(prompt="hi", stop=["x" * 1_000_000]), model, CAPS)
 
 
 @pytest.mark.parametrize("token,ok", [(49150, True), (49151, True), (49152, False), (-1, False)])

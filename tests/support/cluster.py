@@ -39,28 +39,39 @@ def write_tiny_model(folder: Path, smollm2_path: Path) -> Path:
     return folder
 
 
+CLUSTER_SECRET = "chaos-cluster-secret"  # every service of a Cluster shares it (PDMESH_CLUSTER_SECRET)
+
+
 @dataclass
 class Cluster:
     model: Path
     logs: Path
     scheduler_port: int = field(default_factory=free_port)
+    internal_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.scheduler_port}"
 
+    @property
+    def internal_address(self) -> str:
+        return f"127.0.0.1:{self.internal_port}"
+
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PDMESH_CLUSTER_SECRET": CLUSTER_SECRET}
+        proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
         self.procs[name] = proc
         return proc
 
     def start_scheduler(self, *flags: str) -> None:
-        self._spawn("scheduler", "scheduler", "--port", str(self.scheduler_port), "--model", str(self.model), *flags)
+        self._spawn("scheduler", "scheduler", "--port", str(self.scheduler_port), "--internal-port",
+                    str(self.internal_port), "--model", str(self.model), *flags)
 
     def start_worker(self, role: str, name: str, *flags: str) -> None:
-        self._spawn(name, role, "--scheduler", self.address, "--worker-id", name, "--model", str(self.model),
+        self._spawn(name, role, "--scheduler", self.internal_address, "--worker-id", name, "--model", str(self.model),
                     "--kv-cache-gib", "0.05", "--threads", "1", *flags)
 
     def client(self, **kwargs) -> PdmeshClient:

@@ -98,7 +98,7 @@ class Mesh:
 
 def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
     port = free_port()
-    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *flags]
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s

@@ -16,6 +16,7 @@ import grpc
 
 from pdmesh import metrics
 from pdmesh.rpc.channels import internal_channel
+from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
@@ -31,14 +32,15 @@ log = logging.getLogger(__name__)
 class PrefillClients:
     """One gRPC channel and stub per prefill worker address, reused."""
 
-    def __init__(self):
+    def __init__(self, credentials: ClusterCredentials):
+        self.credentials = credentials
         self._stubs: dict[str, prefill_pb2_grpc.PrefillWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def get(self, address: str) -> prefill_pb2_grpc.PrefillWorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = internal_channel(address)
+            channel = internal_channel(address, self.credentials)
             self._channels.append(channel)
             stub = self._stubs[address] = prefill_pb2_grpc.PrefillWorkerStub(channel)
         return stub

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import grpc
 
+from pdmesh.rpc.cluster_auth import TLS_NAME, ClusterCredentials
+
 KEEPALIVE_TIME_MS = 1000
 KEEPALIVE_TIMEOUT_MS = 1000
 
@@ -29,6 +31,29 @@ SERVER_OPTIONS = (
 )
 
 
-def internal_channel(address: str) -> grpc.aio.Channel:
-    """An aio channel to another pdmesh service."""
-    return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+def internal_channel(address: str, credentials: ClusterCredentials) -> grpc.aio.Channel:
+    """An aio channel to another pdmesh service that presents this process's cluster credential:
+    its certificate under mutual TLS, else the cluster secret on every unary call. Streaming calls
+    pass `credentials.metadata()` themselves: an aio interceptor on a stream proxies every message
+    through an extra layer, and the token stream is the hot path."""
+    interceptors = [_Metadata(credentials.metadata())] if credentials.secret else []
+    tls = credentials.channel_credentials()
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=interceptors)
+    options = (*CLIENT_OPTIONS, ("grpc.ssl_target_name_override", TLS_NAME))
+    return grpc.aio.secure_channel(address, tls, options=options, interceptors=interceptors)
+
+
+class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (the cluster secret) to every unary call on a channel."""
+
+    def __init__(self, extra: tuple[tuple[str, str], ...]):
+        self.extra = extra
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.extra)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)

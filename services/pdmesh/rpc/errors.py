@@ -10,13 +10,15 @@ Server side, `ErrorInterceptor` wraps every grpc.aio handler (unary and streamin
 | ResourceExhaustedError | RESOURCE_EXHAUSTED  | RetryInfo (retry_after_s)        |
 | NotFoundError          | NOT_FOUND           |                                  |
 | UnauthenticatedError   | UNAUTHENTICATED     |                                  |
+| PermissionDeniedError  | PERMISSION_DENIED   |                                  |
 | DeadlineError          | DEADLINE_EXCEEDED   |                                  |
 | UnavailableError       | UNAVAILABLE         | RetryInfo (retry_after_s)        |
 | FailedPreconditionError| FAILED_PRECONDITION |                                  |
 | any other PdmeshError  | INTERNAL            |                                  |
 
 Every one also carries ErrorInfo(reason=<class name in UPPER_SNAKE without "Error">, domain
-"pdmesh"). Any other exception is a bug: its traceback is logged and the client gets INTERNAL with
+"pdmesh"). A request body that does not parse as the method's message is INVALID_ARGUMENT (the
+deserializer is wrapped, so it never surfaces as UNKNOWN). Any other exception is a bug: its traceback is logged and the client gets INTERNAL with
 reason UNEXPECTED and no internals. The server keeps serving either way.
 
 Client side, `rich_details(rpc_error)` decodes those details back into a plain dict.
@@ -49,6 +51,7 @@ STATUS_CODES: dict[type[errors.PdmeshError], grpc.StatusCode] = {
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -171,9 +174,38 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer, method),
         response_serializer=handler.response_serializer,
     )
+
+
+class _BadBody:
+    """What a request that does not parse becomes; the wrapped behaviour refuses it."""
+
+    def __init__(self, error: errors.InvalidRequestError):
+        self.error = error
+
+
+def _tolerant(deserialize: Callable | None, method: str) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a bad body trips
+            name = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+            what = name.full_name if name is not None else "request"
+            return _BadBody(errors.InvalidRequestError(
+                f"the body of {method} is not a valid {what} message ({len(data):,} bytes; {type(exc).__name__})",
+                "body"))
+    return parse
+
+
+def _check_body(request: Any) -> Any:
+    if isinstance(request, _BadBody):
+        raise request.error
+    return request
 
 
 def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
@@ -185,7 +217,7 @@ def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
 def _wrap_coroutine(behavior: Callable, method: str) -> Callable:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_check_body(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # every failure becomes a status; the server lives on
@@ -197,7 +229,7 @@ def _wrap_coroutine(behavior: Callable, method: str) -> Callable:
 def _wrap_async_gen(behavior: Callable, method: str) -> Callable:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(_check_body(request), context):
                 yield response
         except grpc.aio.AbortError:
             raise

@@ -33,9 +33,11 @@ Metadata = Sequence[tuple[str, str]]
 class ReflectionClient:
     """Lists, describes and calls a server's services using only its reflection service."""
 
-    def __init__(self, target: str, channel: grpc.Channel | None = None):
-        """Connect to `target` ("host:port", plaintext) or use the given channel."""
+    def __init__(self, target: str, channel: grpc.Channel | None = None, metadata: Metadata = ()):
+        """Connect to `target` ("host:port", plaintext) or use the given channel; `metadata` goes
+        with every call (an API key, the cluster secret)."""
         self.target = target
+        self.metadata = tuple(metadata)
         self._own_channel = channel is None
         self._channel = channel or grpc.insecure_channel(target)
         self._database = ProtoReflectionDescriptorDatabase(self._channel)
@@ -112,7 +114,7 @@ class ReflectionClient:
             )
         request_msg = self._parse(method_desc.input_type, request)
         rpc = self._callable(method_desc)
-        responses = rpc(request_msg, timeout=timeout_s, metadata=metadata)
+        responses = rpc(request_msg, timeout=timeout_s, metadata=(*self.metadata, *metadata))
         if not method_desc.server_streaming:
             responses = [responses]
         return (self.to_dict(response) for response in responses)

@@ -98,12 +98,14 @@ def build_server(
     host: str = "127.0.0.1",
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RpcServer:
     """Create and bind (not start) a grpc.aio server for `services`; call it inside the event loop.
 
     `port=0` picks a free port (see `RpcServer.port`); a busy port raises OSError. `interceptors`
     run inside the error interceptor. `options` (channel args) add to and override
-    DEFAULT_OPTIONS. Plain `(add_fn, servicer, name)` tuples work as `ServiceSpec`s.
+    DEFAULT_OPTIONS. Plain `(add_fn, servicer, name)` tuples work as `ServiceSpec`s. With
+    `credentials` the port speaks TLS.
     """
     merged = {**dict(DEFAULT_OPTIONS), **dict(options)}
     server = grpc.aio.server(
@@ -118,14 +120,18 @@ def build_server(
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address, bound = _bind(server, host, port)
+    address, bound = _bind(server, host, port, credentials)
     return RpcServer(server, health_servicer, address, bound, names)
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> tuple[str, int]:
+def _bind(server: grpc.aio.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None = None) -> tuple[str, int]:
     bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
     try:
-        bound = server.add_insecure_port(f"{bracketed}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{bracketed}:{port}")
+        else:
+            bound = server.add_secure_port(f"{bracketed}:{port}", credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot bind gRPC server to {bracketed}:{port}: {exc}") from exc
     if bound == 0:

@@ -4,7 +4,7 @@ and when it runs (dispatcher). Every refusal is counted by reason."""
 from __future__ import annotations
 
 from pdmesh import metrics
-from pdmesh.errors import DeadlineError, PdmeshError, UnauthenticatedError
+from pdmesh.errors import DeadlineError, PdmeshError, PermissionDeniedError, UnauthenticatedError
 from pdmesh.scheduler.admission import Ticket
 from pdmesh.scheduler.dispatcher import Dispatcher
 from pdmesh.scheduler.request_spec import GenerationSpec
@@ -21,6 +21,15 @@ class AdmissionControl:
         try:
             return self.tenants.authenticate(authorization, cluster_secret)
         except UnauthenticatedError:
+            metrics.REJECTIONS.labels(reason="unauthenticated").inc()
+            raise
+
+    def authorize_admin(self, authorization: str | None, cluster_secret: str | None = None) -> None:
+        """Operator calls (cluster status: worker addresses and pids) need an admin tenant's key
+        when tenants are configured."""
+        try:
+            self.tenants.authorize_admin(authorization, cluster_secret)
+        except (UnauthenticatedError, PermissionDeniedError):
             metrics.REJECTIONS.labels(reason="unauthenticated").inc()
             raise
 

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdmesh.rpc.channels import internal_channel
+from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.scheduler.registry import WorkerInfo, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class HealthProber:
-    def __init__(self, registry: WorkerRegistry, interval_s: float = 0.5, timeout_s: float = 2.0):
+    def __init__(self, registry: WorkerRegistry, credentials: ClusterCredentials, interval_s: float = 0.5,
+                 timeout_s: float = 2.0):
         self.registry = registry
+        self.credentials = credentials
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
@@ -60,7 +63,8 @@ class HealthProber:
         """(ok, why not, whether the failure is certain rather than a slow answer)."""
         stub = self._stubs.get(worker.address)
         if stub is None:
-            stub = self._stubs[worker.address] = health_pb2_grpc.HealthStub(internal_channel(worker.address))
+            stub = self._stubs[worker.address] = health_pb2_grpc.HealthStub(
+                internal_channel(worker.address, self.credentials))
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:

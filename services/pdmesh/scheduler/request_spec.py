@@ -9,14 +9,15 @@ import itertools
 import uuid
 from dataclasses import dataclass
 
+from pdmesh.config import SchedulerConfig
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.tokenizer import Tokenizer
 from pdmesh.errors import InvalidRequestError, NotFoundError
 
 CHAT_ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
+MAX_STOP_STRINGS = SchedulerConfig().max_stop_strings  # defaults of the flags
+MAX_STOP_STRING_CHARS = SchedulerConfig().max_stop_string_chars
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -38,14 +39,17 @@ class Caps:
     max_prompt_tokens: int
     max_output_tokens: int
     default_max_tokens: int
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_stop_string_chars: int = MAX_STOP_STRING_CHARS
 
     @staticmethod
     def resolve(max_model_len: int, max_prompt_tokens: int, max_output_tokens: int,
-                default_max_tokens: int) -> "Caps":
+                default_max_tokens: int, max_stop_strings: int = MAX_STOP_STRINGS,
+                max_stop_string_chars: int = MAX_STOP_STRING_CHARS) -> "Caps":
         """0 means "as large as max_model_len allows"."""
         most = max_model_len - 1
         return Caps(max_model_len, min(max_prompt_tokens or most, most), min(max_output_tokens or most, most),
-                    default_max_tokens)
+                    default_max_tokens, max_stop_strings, max_stop_string_chars)
 
     def describe(self) -> str:
         return (f"max-model-len {self.max_model_len:,}, max-prompt-tokens {self.max_prompt_tokens:,}, "
@@ -100,7 +104,7 @@ def build_spec(pb, model: ModelInfo, caps: Caps) -> GenerationSpec:
     if len(pb.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(f"request_id has {len(pb.request_id)} characters; the limit is "
                                   f"{MAX_REQUEST_ID_CHARS}", "request_id")
-    _check_stop(pb.stop)
+    _check_stop(pb.stop, caps)
     prompt_ids = prompt_ids_from(model, pb.prompt, pb.messages, pb.prompt_token_ids)
     if not prompt_ids:
         raise InvalidRequestError("prompt is empty after tokenization", "prompt")
@@ -141,12 +145,13 @@ def _max_tokens(pb, num_prompt: int, room: int, caps: Caps) -> int:
     return max_tokens
 
 
-def _check_stop(stop) -> None:
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}", "stop")
+def _check_stop(stop, caps: Caps) -> None:
+    if len(stop) > caps.max_stop_strings:
+        raise InvalidRequestError(f"stop has {len(stop):,} strings; the limit is {caps.max_stop_strings:,} "
+                                  "(--max-stop-strings)", "stop")
     for i, s in enumerate(stop):
         if not s:
             raise InvalidRequestError(f"stop[{i}] is empty", f"stop[{i}]")
-        if len(s) > MAX_STOP_STRING_CHARS:
-            raise InvalidRequestError(f"stop[{i}] has {len(s)} characters; the limit is {MAX_STOP_STRING_CHARS}",
-                                      f"stop[{i}]")
+        if len(s) > caps.max_stop_string_chars:
+            raise InvalidRequestError(f"stop[{i}] has {len(s):,} characters; the limit is "
+                                      f"{caps.max_stop_string_chars:,} (--max-stop-string-chars)", f"stop[{i}]")

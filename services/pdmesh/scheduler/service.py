@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from pdmesh import metrics
-from pdmesh.errors import PdmeshError, UnavailableError
+from pdmesh.errors import PdmeshError, ResourceExhaustedError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
@@ -14,11 +16,16 @@ from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_mod
 from pdmesh.scheduler.stream import MeshStream
 
 
+class ClientStalledError(ResourceExhaustedError):
+    """The client stopped reading its stream."""
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, model: ModelInfo, caps: Caps, registry: WorkerRegistry, admission: AdmissionControl,
-                 stream: MeshStream, restarts: int = 0):
+                 stream: MeshStream, restarts: int = 0, stall_timeout_s: float = 30.0):
         self.model = model
         self.restarts = restarts
+        self.stall_timeout_s = stall_timeout_s
         self.caps = caps
         self.registry = registry
         self.admission = admission
@@ -41,17 +48,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         metrics.RUNNING.set(self.running)
         metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
         outcome, generated = "error", 0
+        deltas = self.stream.run(spec, assignment, arrived, context.time_remaining())
         try:
-            async for delta in self.stream.run(spec, assignment, arrived, context.time_remaining()):
-                generated += len(delta.token_ids)
-                response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
-                                                          finish_reason=delta.finish_reason,
-                                                          request_id=spec.request_id)
-                if delta.finish_reason:
-                    outcome = delta.finish_reason
-                    response.usage.prompt_tokens = delta.prompt_tokens
-                    response.usage.completion_tokens = delta.completion_tokens
-                yield response
+            async with contextlib.aclosing(deltas):  # leaving early cancels the worker call: KV freed
+                async for delta in deltas:
+                    generated += len(delta.token_ids)
+                    response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
+                                                              finish_reason=delta.finish_reason,
+                                                              request_id=spec.request_id)
+                    if delta.finish_reason:
+                        outcome = delta.finish_reason
+                        response.usage.prompt_tokens = delta.prompt_tokens
+                        response.usage.completion_tokens = delta.completion_tokens
+                    await self._send(context, response)
+        except ClientStalledError:
+            outcome = "stalled"
+            raise
         finally:
             if outcome == "error" and context.cancelled():
                 outcome = "cancelled"
@@ -59,6 +71,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             metrics.REQUESTS.labels(outcome=outcome).inc()
             self.running -= 1
             metrics.RUNNING.set(self.running)
+
+    async def _send(self, context, response) -> None:
+        """Write one message; a client that has read nothing for stall_timeout_s (HTTP/2 flow
+        control holds the write) is cut off, so a reader that never reads holds no KV for long."""
+        try:
+            await asyncio.wait_for(context.write(response), self.stall_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.REJECTIONS.labels(reason="client_stalled").inc()
+            raise ClientStalledError(f"the client read nothing of its stream for {self.stall_timeout_s:g}s "
+                                     "(--client-stall-timeout); the request was cancelled") from None
 
     async def ListModels(self, request, context):
         m = self.model
@@ -71,6 +93,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.CountTokensResponse(num_tokens=len(ids), token_ids=ids)
 
     async def GetClusterStatus(self, request, context):
+        self.admission.authorize_admin(*_credentials(context))
         now = time.monotonic()
         workers = []
         for w in self.registry.workers.values():

@@ -26,6 +26,7 @@ from pdmesh.errors import (DeadlineError, InvalidRequestError, PdmeshError, Reso
                            UnavailableError)
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from pdmesh.rpc.channels import internal_channel
+from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.scheduler.registry import WorkerRegistry
 from pdmesh.scheduler.request_spec import GenerationSpec, ModelInfo
 from pdmesh.scheduler.router import Assignment, Router
@@ -62,12 +63,13 @@ class _Progress:
 class WorkerClients:
     """One channel and DecodeWorker stub per address, reused across requests."""
 
-    def __init__(self):
+    def __init__(self, credentials: ClusterCredentials):
+        self.credentials = credentials
         self._stubs: dict[str, decode_pb2_grpc.DecodeWorkerStub] = {}
 
     def decode(self, address: str) -> decode_pb2_grpc.DecodeWorkerStub:
         if address not in self._stubs:
-            self._stubs[address] = decode_pb2_grpc.DecodeWorkerStub(internal_channel(address))
+            self._stubs[address] = decode_pb2_grpc.DecodeWorkerStub(internal_channel(address, self.credentials))
         return self._stubs[address]
 
 
@@ -107,7 +109,8 @@ class MeshStream:
         if assignment.prefill is not None:
             request.prefill_address = assignment.prefill.address
             request.fallback_prefill_addresses.extend(self.router.prefill_fallbacks(assignment.prefill))
-        call = self.clients.decode(assignment.decode.address).Generate(request, timeout=_left(deadline))
+        call = self.clients.decode(assignment.decode.address).Generate(request, timeout=_left(deadline),
+                                                                       metadata=self.clients.credentials.metadata())
         started = False
         try:
             async for chunk in call:

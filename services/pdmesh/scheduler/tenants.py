@@ -6,19 +6,26 @@
     requests_per_s = 20        # token bucket on requests
     tokens_per_s = 20000       # token bucket on prompt + max_tokens (unused output is refunded)
     burst_s = 2                # bucket size, in seconds of rate (default 1)
+    admin = true               # may call GetClusterStatus (worker addresses, pids)
 
-With no file, every request belongs to one anonymous tenant without limits. With a file, a request
-must carry `authorization: Bearer <key>` of a listed key (else UNAUTHENTICATED).
+    [tenants.ops]
+    api_keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+
+A key may be written as `sha256:<hex of its SHA-256>`, so the file holds no secret; keys are
+compared as digests. With no file, every request belongs to one anonymous tenant without limits
+(and cluster status is open). With a file, a request must carry `authorization: Bearer <key>` of
+a listed key (else UNAUTHENTICATED).
 """
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pdmesh.errors import InvalidRequestError, ResourceExhaustedError, UnauthenticatedError
+from pdmesh.errors import InvalidRequestError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from pdmesh.rpc import cluster_auth
 from pdmesh.scheduler.token_bucket import TokenBucket
 
@@ -37,6 +44,7 @@ class TenantLimits:
     requests_per_s: float = 0.0  # 0: unlimited
     tokens_per_s: float = 0.0  # 0: unlimited
     burst_s: float = 1.0
+    admin: bool = False
 
     def __post_init__(self):
         if self.requests_per_s < 0 or self.tokens_per_s < 0 or self.burst_s <= 0:
@@ -62,12 +70,27 @@ def load_tenants_file(path: str | Path) -> list[TenantLimits]:
         raise InvalidRequestError(f"tenants file {path}: {exc}") from exc
     limits = []
     for name, t in data.get("tenants", {}).items():
-        unknown = set(t) - {"api_keys", "requests_per_s", "tokens_per_s", "burst_s"}
+        unknown = set(t) - {"api_keys", "requests_per_s", "tokens_per_s", "burst_s", "admin"}
         if unknown:
             raise InvalidRequestError(f"tenants file {path}: tenant {name!r} has unknown keys {sorted(unknown)}")
         limits.append(TenantLimits(name, tuple(t.get("api_keys", ())), float(t.get("requests_per_s", 0)),
-                                   float(t.get("tokens_per_s", 0)), float(t.get("burst_s", 1.0))))
+                                   float(t.get("tokens_per_s", 0)), float(t.get("burst_s", 1.0)),
+                                   bool(t.get("admin", False))))
     return limits
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_digest(listed: str) -> str:
+    """The SHA-256 hex of an API key as the tenants file lists it (plain, or `sha256:<hex>`)."""
+    if listed.startswith("sha256:"):
+        digest = listed.removeprefix("sha256:").lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise InvalidRequestError(f"api key {listed[:20]}...: sha256: needs 64 hex digits", "api_keys")
+        return digest
+    return _sha256(listed)
 
 
 class TenantDirectory:
@@ -83,9 +106,10 @@ class TenantDirectory:
                             self._bucket(lim.tokens_per_s, lim.burst_s))
             self.tenants[lim.name] = tenant
             for key in lim.api_keys:
-                if key in self.by_key:
-                    raise InvalidRequestError(f"api key listed for both {self.by_key[key].name!r} and {lim.name!r}")
-                self.by_key[key] = tenant
+                digest = key_digest(key)
+                if digest in self.by_key:
+                    raise InvalidRequestError(f"api key listed for both {self.by_key[digest].name!r} and {lim.name!r}")
+                self.by_key[digest] = tenant
         self.keyed = bool(limits)
 
     def _bucket(self, rate: float, burst_s: float) -> TokenBucket | None:
@@ -103,10 +127,16 @@ class TenantDirectory:
         if not authorization:
             raise UnauthenticatedError("missing api key: send metadata 'authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
-        tenant = self.by_key.get(key.strip()) if scheme.lower() == "bearer" else None
+        tenant = self.by_key.get(_sha256(key.strip())) if scheme.lower() == "bearer" else None
         if tenant is None:
             raise UnauthenticatedError("unknown api key")
         return tenant
+
+    def authorize_admin(self, authorization: str | None, cluster_secret: str | None = None) -> None:
+        """Refuse unless the caller may see the cluster's insides (always, without tenants)."""
+        tenant = self.authenticate(authorization, cluster_secret)
+        if self.keyed and tenant is not self.cluster and not tenant.limits.admin:
+            raise PermissionDeniedError(f"tenant {tenant.name!r} is not an admin (admin = true in the tenants file)")
 
     def charge(self, tenant: Tenant, tokens: int) -> None:
         """Take one request and `tokens` from the tenant's buckets, or raise RESOURCE_EXHAUSTED."""

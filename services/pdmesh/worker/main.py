@@ -17,6 +17,8 @@ from pdmesh.decode.stream import DecodeStream, PrefillClients
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.prefill.kv_sender import KVSender
 from pdmesh.prefill.service import PrefillWorkerServicer
+from pdmesh.rpc.auth_interceptor import ClusterAuthInterceptor
+from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.rpc.server import ServiceSpec, build_server, service_name
 from pdmesh.worker.registration import Registration
 from pdmesh.worker.runtime import WorkerState, start_engine
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
     loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
+    config.security.require()
     engine, group = start_engine(config, logging.getLevelName(logging.getLogger().level))
     follower_pids = group.follower_pids() if group else []
     stop = _StopSignal()
@@ -74,6 +77,7 @@ async def _serve(config: WorkerConfig, engine, follower_pids: list[int], stop: _
     state = WorkerState(config, engine, "", follower_pids)
     listen = config.listen
     host = listen.advertised_host()
+    credentials = ClusterCredentials(config.security.cluster_secret, config.security.tls_dir, config.role)
     background = []
     if config.role == "prefill":
         sender = KVSender(engine, host, config.kv_timeout_s, config.held_kv_ttl_s)
@@ -81,19 +85,20 @@ async def _serve(config: WorkerConfig, engine, follower_pids: list[int], stop: _
                            service_name(prefill_pb2, "PrefillWorker"))
         background.append(sender.expire_forever())
     else:
-        clients = PrefillClients()
+        clients = PrefillClients(credentials)
         receiver = KVReceiver("", host, engine.engine.layout, config.kv_timeout_s)
         spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
                            DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients, config.prefill_timeout_s)),
                            service_name(decode_pb2, "DecodeWorker"))
-    server = build_server([spec], port=listen.port, host=listen.host)
+    server = build_server([spec], port=listen.port, host=listen.host, interceptors=[ClusterAuthInterceptor(credentials)],
+                          credentials=credentials.server_credentials())
     state.address = listen.dial(server.port)
     state.worker_id = config.worker_id or f"{config.role}-{state.address}"
     if config.role == "decode":
         receiver.worker_id = state.worker_id
     metrics_port = metrics.serve_metrics(listen.metrics_port, listen.host)
     state.metrics_address = listen.dial(metrics_port) if metrics_port else ""
-    registration = Registration(config.scheduler_address, state.register_request, state.load,
+    registration = Registration(config.scheduler_address, credentials, state.register_request, state.load,
                                 config.heartbeat_interval_s)
     await server.start()
     tasks = [asyncio.create_task(c) for c in (registration.run(), *background)]

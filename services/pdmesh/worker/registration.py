@@ -9,6 +9,7 @@ from typing import Callable
 import grpc
 
 from pdmesh.rpc.channels import internal_channel
+from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -17,16 +18,18 @@ log = logging.getLogger(__name__)
 class Registration:
     """Register once, then heartbeat; re-register whenever the scheduler forgets us (it restarted)."""
 
-    def __init__(self, scheduler_address: str, register_request: Callable[[], registry_pb2.RegisterRequest],
+    def __init__(self, scheduler_address: str, credentials: ClusterCredentials,
+                 register_request: Callable[[], registry_pb2.RegisterRequest],
                  load: Callable[[], worker_pb2.WorkerLoad], interval_s: float = 1.0):
         self.scheduler_address = scheduler_address
+        self.credentials = credentials
         self.register_request = register_request
         self.load = load
         self.interval_s = interval_s
         self.registered = asyncio.Event()
 
     async def run(self) -> None:
-        async with internal_channel(self.scheduler_address) as channel:
+        async with internal_channel(self.scheduler_address, self.credentials) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
             while True:
                 try:
