@@ -34,7 +34,7 @@ import grpc  # noqa: E402
 
 from bench_common import format_table, log  # noqa: E402
 from pdmesh.gen.pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
-from support.mesh import free_port, processes_mentioning, start_mesh  # noqa: E402
+from support.mesh import free_port, start_mesh  # noqa: E402
 
 ENGINE_LABEL = "engine: echo (no model; tokens are meaningless)"
 PROMPT = list(range(100, 108))  # 8 plain token ids
@@ -116,19 +116,14 @@ def pin(pid: int, cores: set[int]) -> int:
     return len(tids)
 
 
-def mesh_pids(port: int) -> dict[str, int]:
-    """{"scheduler", "prefill", "decode": pid} of the mesh whose scheduler listens on port."""
-    found = {}
-    for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
-        try:
-            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        flags = dict(zip(args, args[1:])) if "pdmesh.cli" in args else {}
-        if "scheduler" in args and flags.get("--port") == str(port):
-            found["scheduler"] = int(entry.name)
-        elif flags.get("--scheduler") == f"127.0.0.1:{port}":
-            found["prefill" if "prefill" in args else "decode"] = int(entry.name)
+def mesh_pids(mesh) -> dict[str, int]:
+    """{"scheduler", "prefill", "decode": pid} of a mesh started by `pdmesh serve`: workers from
+    cluster status, the scheduler as serve's child running `pdmesh.child scheduler`."""
+    with mesh.client() as client:
+        found = {w.role: w.ranks[0].pid for w in client.cluster_status().workers}
+    for pid in mesh.live_children():
+        if b"pdmesh.child\x00scheduler" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            found["scheduler"] = pid
     return found
 
 
@@ -287,7 +282,7 @@ def run_floor(counts: Counts, args, notes: list[str]) -> list[dict]:
 
 def pin_mesh(name: str, mesh, pin_cores: bool) -> tuple[dict[str, int], str]:
     """Find a started mesh's processes and pin them; returns (pids, a line saying what was pinned)."""
-    pids = mesh_pids(int(mesh.address.rpartition(":")[2]))
+    pids = mesh_pids(mesh)
     if set(pids) != {"scheduler", "prefill", "decode"}:
         raise RuntimeError(f"mesh {name}: found processes {pids}, want scheduler, prefill, decode")
     if not pin_cores:
@@ -331,7 +326,7 @@ def stop_mesh(name: str, mesh) -> list[str]:
         os.killpg(mesh.process.pid, signal.SIGKILL)
         code = mesh.process.wait(10)
     found = [f"mesh {name}: pdmesh serve exited with {code} on SIGTERM"] if code else []
-    left = processes_mentioning(mesh.address)
+    left = sorted(mesh.leftovers())
     return found + [f"mesh {name}: processes left behind: {left}"][:len(left)] + log_findings(mesh.log_path)
 
 

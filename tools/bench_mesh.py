@@ -256,7 +256,8 @@ def handoff(mesh: Mesh, n: int) -> list[list]:
 def mesh_running(workdir: Path, name: str, *flags: str, timeout_s: float = 300.0):
     """`pdmesh serve` in its own session; ready once its warm-up request is answered."""
     port, log_path = free_port(), workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), *MESH_FLAGS, *flags]
+    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *MESH_FLAGS,
+           *flags]
     with open(log_path, "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -155,7 +155,7 @@ def test_metrics_count_rejections_by_reason(echo_mesh):
     """Runs after the tests above: their refusals show up on the scheduler's /metrics by reason."""
     log = echo_mesh.log_path.read_text()
     assert "max-queued-requests 8" in log  # limits printed at start
-    port = re.search(r"pdmesh scheduler serving .* \(metrics :(\d+)\)", log).group(1)
+    port = re.search(r"pdmesh scheduler serving .* metrics :(\d+)\)", log).group(1)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     counts = {m.group(1): float(m.group(2))
               for m in re.finditer(r'pdmesh_rejections_total\{reason="(\w+)"\} ([\d.e+]+)', body)}

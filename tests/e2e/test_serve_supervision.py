@@ -55,8 +55,9 @@ def expected(reference_engine, prompts):
     return out
 
 
-def run_streams(mesh, prompts, disrupt) -> tuple[dict, str]:
-    """16 concurrent greedy streams; `disrupt()` runs while they do and returns the victim's id."""
+def run_streams(mesh, prompts, disrupt) -> tuple[dict, tuple[str, float]]:
+    """16 concurrent greedy streams; `disrupt()` runs while they do and returns (victim's id, when
+    it was killed)."""
     def one(i):
         with mesh.client(timeout_s=300, retries=0) as c:
             try:
@@ -74,8 +75,9 @@ def decode_fallbacks(mesh) -> float:
 
 
 def check(mesh, results, expected, event, victim, restarts, handled: dict):
+    (victim, killed_at) = victim
     failed = {i: (r.code().name, r.details()) for i, r in results.items() if isinstance(r, grpc.RpcError)}
-    back_s = wait_back(mesh, victim, restarts)
+    back_s = wait_back(mesh, victim, restarts, killed_at)
     idle = mesh.wait_all_blocks_free(30)
     record_row({"event": event, "sent": len(results), "failed": len(failed), **handled,
                 "restarts": worker(mesh, victim).restarts, "back_s": round(back_s, 1)})
@@ -97,7 +99,7 @@ def test_kill_decode_worker_mid_stream(mesh, prompts, expected):
         victim = busy_decode_worker(mesh)
         time.sleep(0.5)  # tokens are flowing
         os.kill(worker(mesh, victim).ranks[0].pid, signal.SIGKILL)
-        return victim
+        return victim, time.monotonic()
     results, victim = run_streams(mesh, prompts, kill)
     resumed = metric(scheduler_metrics_address(mesh), "pdmesh_resumed_streams_total") - resumed_before
     assert resumed >= 1  # streams moved to the other decode worker after tokens were sent
@@ -110,7 +112,7 @@ def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
     def kill():
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(worker(mesh, "prefill-0").ranks[0].pid, signal.SIGKILL)
-        return "prefill-0"
+        return "prefill-0", time.monotonic()
     results, victim = run_streams(mesh, prompts, kill)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1  # prompts in flight were prefilled elsewhere (locally: it was the only one)
@@ -126,7 +128,7 @@ def test_kill_tensor_parallel_follower_rank(mesh, prompts, expected):
     def kill():
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(next(r.pid for r in group.ranks if r.rank == 2), signal.SIGKILL)
-        return "prefill-0"
+        return "prefill-0", time.monotonic()
     results, victim = run_streams(mesh, prompts, kill)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1

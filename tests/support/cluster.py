@@ -189,7 +189,7 @@ def wait_for_tokens(cluster: Cluster, role: str) -> str:
 
 def scheduler_metric(cluster: Cluster, name: str) -> float:
     log = (cluster.logs / "scheduler.log").read_text()
-    port = re.search(r"\(metrics :(\d+)\)", log).group(1)
+    port = re.search(r"metrics :(\d+)\)", log).group(1)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 

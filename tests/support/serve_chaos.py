@@ -22,7 +22,7 @@ def metric(address: str, name: str) -> float:
 
 def scheduler_metrics_address(mesh: Mesh) -> str:
     """The current scheduler's metrics address (the last one serve's log names: it may have restarted)."""
-    port = re.findall(r"pdmesh scheduler serving .* \(metrics :(\d+)\)", mesh.log_path.read_text())[-1]
+    port = re.findall(r"pdmesh scheduler serving .* metrics :(\d+)\)", mesh.log_path.read_text())[-1]
     return f"127.0.0.1:{port}"
 
 
@@ -43,12 +43,12 @@ def wait_until(predicate, timeout_s: float, what: str):
     raise TimeoutError(f"{what} not reached in {timeout_s}s")
 
 
-def wait_back(mesh: Mesh, worker_id: str, restarts: int, timeout_s: float = 60.0) -> float:
-    """Seconds until `worker_id` is healthy again after its `restarts`-th restart."""
-    start = time.monotonic()
-    wait_until(lambda: (w := worker(mesh, worker_id)).healthy and w.restarts >= restarts, timeout_s,
-               f"{worker_id} back after restart {restarts}")
-    return time.monotonic() - start
+def wait_back(mesh: Mesh, worker_id: str, restarts: int, killed_at: float, timeout_s: float = 60.0) -> float:
+    """Seconds from the kill (`killed_at`, monotonic) until `worker_id` is healthy again after its
+    `restarts`-th restart; fails past timeout_s from the kill."""
+    wait_until(lambda: (w := worker(mesh, worker_id)).healthy and w.restarts >= restarts,
+               killed_at + timeout_s - time.monotonic(), f"{worker_id} back after restart {restarts}")
+    return time.monotonic() - killed_at
 
 
 def record_row(row: dict) -> None:

@@ -9,8 +9,8 @@ one at a time per pair gives that order without any extra protocol.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -81,7 +81,9 @@ class KVReceiver:
 
     async def _open(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str) -> _Link:
         store = serve_store(self.host, self.timeout_s)
-        channel_id = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        # Random and only ever sent over an authenticated RPC: a peer that can reach the store
+        # cannot guess the key prefix of a channel it was not handed.
+        channel_id = f"{self.worker_id}/{secrets.token_hex(16)}"
         join = asyncio.create_task(asyncio.to_thread(KVChannel, store, channel_id, RECEIVER_RANK, self.timeout_s, self.host))
         try:
             response = await stub.OpenKVChannel(prefill_pb2.OpenKVChannelRequest(

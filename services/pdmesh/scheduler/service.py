@@ -74,13 +74,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _send(self, context, response) -> None:
         """Write one message; a client that has read nothing for stall_timeout_s (HTTP/2 flow
-        control holds the write) is cut off, so a reader that never reads holds no KV for long."""
-        try:
-            await asyncio.wait_for(context.write(response), self.stall_timeout_s)
-        except asyncio.TimeoutError:
+        control holds the write) is cut off, so a reader that never reads holds no KV for long.
+        Not wait_for(): it would wait for the cancelled write, which only ends when the client reads."""
+        write = asyncio.ensure_future(context.write(response))
+        done, _ = await asyncio.wait((write,), timeout=self.stall_timeout_s)
+        if not done:
+            write.cancel()
             metrics.REJECTIONS.labels(reason="client_stalled").inc()
             raise ClientStalledError(f"the client read nothing of its stream for {self.stall_timeout_s:g}s "
-                                     "(--client-stall-timeout); the request was cancelled") from None
+                                     "(--client-stall-timeout); the request was cancelled")
+        write.result()
 
     async def ListModels(self, request, context):
         m = self.model
