@@ -40,7 +40,7 @@ class ClusterPoller:
             status = self.client.cluster_status()
         except grpc.RpcError as exc:
             self.num_errors["status"] += 1
-            self.up, self.workers, self.cluster = False, [], []
+            self.up, self.cluster = False, []  # workers stay: /targets keeps their metrics scraped
             log.warning("cannot read cluster status: %s", exc.code())
         else:
             workers = [WorkerView.from_pb(w) for w in status.workers]
