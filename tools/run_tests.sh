@@ -4,5 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# deploy/ checks and the observability e2e test use Debian's docker-compose, promtool and prometheus
+# (kubectl, for kustomize, comes with the machine); installed once, quiet when present.
+if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null
+fi
 python3 tools/gen_protos.py --check
 python3 -m pytest "$@"

@@ -1,4 +1,4 @@
-"""`pdmesh serve | scheduler | prefill | decode`: every flag comes from the config dataclasses
+"""`pdmesh serve | scheduler | prefill | decode | exporter`: every flag comes from the config dataclasses
 (`pdmesh.config`, `pdmesh.serve_config`, `pdmesh.engine.engine_config`) through
 `pdmesh.config_loader`; this file only names which configs each command builds."""
 
@@ -14,6 +14,7 @@ from typing import Any
 from pdmesh import config_loader
 from pdmesh.config import SchedulerConfig, WorkerConfig
 from pdmesh.errors import PdmeshError
+from pdmesh.exporter.exporter_config import ExporterConfig
 from pdmesh.serve_config import SERVE_SKIPS_WORKER_FLAGS, ServeConfig
 
 # command -> (help, {root name: config class}, {root name: flags of that root to leave out})
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, dict[str, type], dict[str, set[str]]]] = {
     "scheduler": ("run the scheduler: client API, admission, worker registry", {"scheduler": SchedulerConfig}, {}),
     "prefill": ("run a prefill worker", {"worker": WorkerConfig}, {}),
     "decode": ("run a decode worker", {"worker": WorkerConfig}, {}),
+    "exporter": ("serve cluster-level metrics per role from cluster status and worker metrics",
+                 {"exporter": ExporterConfig}, {}),
 }
 
 
@@ -51,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Any:
-    """The config the command runs with: ServeConfig, SchedulerConfig or WorkerConfig."""
+    """The config the command runs with: ServeConfig, SchedulerConfig, WorkerConfig or ExporterConfig."""
     env = os.environ if env is None else env
     flags = command_flags(args.command)
     values = config_loader.resolve(flags, args, args.config, env)
     if args.command in ("prefill", "decode"):
         worker = config_loader.build(WorkerConfig, "worker", flags, values, role=args.command)
         return replace(worker, security=worker.security.with_secret(env))
+    if args.command == "exporter":
+        return config_loader.build(ExporterConfig, "exporter", flags, values)
     scheduler = config_loader.build(SchedulerConfig, "scheduler", flags, values)
     scheduler = replace(scheduler, security=scheduler.security.with_secret(env))
     if args.command == "scheduler":
@@ -89,6 +94,9 @@ def _run(command: str, config: Any, log_level: str) -> int:
     if command == "serve":
         from pdmesh.launcher import serve
         return serve(config, log_level)
+    if command == "exporter":
+        from pdmesh.exporter.main import run_exporter
+        return run_exporter(config)
     from pdmesh.child import run_service
     run_service(config)
     return 0

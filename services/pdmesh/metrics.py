@@ -59,6 +59,8 @@ KV_RECLAIMED = Counter("pdmesh_kv_blocks_reclaimed_total",
                        "KV blocks of held prompts nobody pulled, freed after the TTL")
 PREFILL_SECONDS = Histogram("pdmesh_prefill_seconds", "Time to prefill one prompt on a worker",
                             buckets=_LATENCY_BUCKETS)
+PREFILL_TOKENS = Counter("pdmesh_prefill_tokens_total",
+                         "Prompt tokens prefilled on a prefill worker (with pdmesh_prefill_seconds: its rate)")
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:

@@ -44,6 +44,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             self.state.queued_prompt_tokens -= len(prompt)
         seconds = time.perf_counter() - start
         metrics.PREFILL_SECONDS.observe(seconds)
+        metrics.PREFILL_TOKENS.inc(len(prompt))
         if output.queue_s is not None:
             metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
         finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
