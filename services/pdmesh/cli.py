@@ -62,7 +62,8 @@ def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) ->
         worker = config_loader.build(WorkerConfig, "worker", flags, values, role=args.command)
         return replace(worker, security=worker.security.with_secret(env))
     if args.command == "exporter":
-        return config_loader.build(ExporterConfig, "exporter", flags, values)
+        exporter = config_loader.build(ExporterConfig, "exporter", flags, values)
+        return replace(exporter, security=exporter.security.with_secret(env))
     scheduler = config_loader.build(SchedulerConfig, "scheduler", flags, values)
     scheduler = replace(scheduler, security=scheduler.security.with_secret(env))
     if args.command == "scheduler":

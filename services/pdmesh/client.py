@@ -21,6 +21,7 @@ from tenacity import (AsyncRetrying, Retrying, retry_if_exception, stop_after_at
                       wait_exponential)
 
 from pdmesh.gen.pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from pdmesh.rpc import cluster_auth
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +82,11 @@ def _tls(tls_ca: str | None) -> grpc.ChannelCredentials | None:
 
 
 class _Settings:
-    def __init__(self, address: str, timeout_s: float, retries: int, api_key: str | None):
+    def __init__(self, address: str, timeout_s: float, retries: int, api_key: str | None, cluster_secret: str = ""):
         self.address = address
         self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + cluster_auth.metadata(
+            cluster_secret)
         self.retry = dict(retry=retry_if_exception(_unavailable), stop=stop_after_attempt(retries + 1),
                           wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True)
 
@@ -93,9 +95,10 @@ class PdmeshClient(_Settings):
     """Blocking client; one gRPC channel, thread-safe."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
-                 api_key: str | None = None, tls_ca: str | None = None):
-        """tls_ca: a CA certificate (PEM file) to speak TLS to a client port that has it."""
-        super().__init__(address, timeout_s, retries, api_key)
+                 api_key: str | None = None, tls_ca: str | None = None, cluster_secret: str = ""):
+        """tls_ca: a CA certificate (PEM file) to speak TLS to a client port that has it;
+        cluster_secret: call as the mesh itself (the metrics exporter does, for cluster status)."""
+        super().__init__(address, timeout_s, retries, api_key, cluster_secret)
         tls = _tls(tls_ca)
         self.channel = grpc.secure_channel(address, tls) if tls else grpc.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
@@ -141,8 +144,8 @@ class AsyncPdmeshClient(_Settings):
     """asyncio client (grpc.aio); create and use it inside one event loop."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, retries: int = 3,
-                 api_key: str | None = None, tls_ca: str | None = None):
-        super().__init__(address, timeout_s, retries, api_key)
+                 api_key: str | None = None, tls_ca: str | None = None, cluster_secret: str = ""):
+        super().__init__(address, timeout_s, retries, api_key, cluster_secret)
         tls = _tls(tls_ca)
         self.channel = grpc.aio.secure_channel(address, tls) if tls else grpc.aio.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)

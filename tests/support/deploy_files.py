@@ -27,11 +27,8 @@ DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu")
 
 # flag -> the commands that will have it (and, for ports, the default the manifests use meanwhile)
-PENDING_FLAGS = {"internal-port": {"scheduler"},
-                 "cluster-secret-file": {"scheduler", "prefill", "decode"},
-                 "tls-dir": {"scheduler", "prefill", "decode"},
-                 "tls-cert": {"scheduler"}, "tls-key": {"scheduler"}}
-PENDING_DEFAULTS = {"internal-port": 50052}
+PENDING_FLAGS: dict[str, set[str]] = {}  # every flag the manifests use exists now
+PENDING_DEFAULTS: dict[str, int] = {}
 
 
 def tool(name: str) -> str:

@@ -24,7 +24,8 @@ MAX_PARALLEL_READS = 8
 class ClusterPoller:
     def __init__(self, config: ExporterConfig, client: PdmeshClient | None = None):
         self.timeout_s = min(max(config.scrape_interval_s, 1.0), 5.0)  # a round never piles onto the next
-        self.client = client or PdmeshClient(config.scheduler_address, timeout_s=self.timeout_s, retries=0)
+        self.client = client or PdmeshClient(config.scheduler_address, timeout_s=self.timeout_s, retries=0,
+                                             cluster_secret=config.security.cluster_secret)
         self.window = SampleWindow(config.window_s)
         self.pool = ThreadPoolExecutor(MAX_PARALLEL_READS, thread_name_prefix="pdmesh-exporter-read")
         self.num_errors = {"status": 0, "metrics": 0}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdmesh.config import Security
 from pdmesh.errors import InvalidRequestError
-from pdmesh.option import option
+from pdmesh.option import group, option
 
 DEFAULT_PORT = 9450
 
@@ -21,6 +22,7 @@ class ExporterConfig:
         "seconds between reads of cluster status and worker metrics", flag="scrape-interval"))
     window_s: float = field(default=60.0, metadata=option(
         "seconds of worker history behind rates and the hand-off p95", flag="window"))
+    security: Security = field(default_factory=Security, metadata=group())  # cluster status as the mesh
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
