@@ -190,7 +190,12 @@ def wait_for_tokens(cluster: Cluster, role: str) -> str:
 def scheduler_metric(cluster: Cluster, name: str) -> float:
     log = (cluster.logs / "scheduler.log").read_text()
     port = re.search(r"metrics :(\d+)\)", log).group(1)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return metric(f"{cluster.address.rsplit(':', 1)[0]}:{port}", name)  # metrics share the gRPC host
+
+
+def metric(address: str, name: str) -> float:
+    """A metric's samples (every label set) summed, from the Prometheus endpoint at host:port."""
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 
 
