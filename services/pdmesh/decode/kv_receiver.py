@@ -56,6 +56,8 @@ class KVReceiver:
                                                             tag=tag), timeout=self.timeout_s)
                 kv = await receive
             except BaseException as exc:
+                receive.cancel()  # its thread ends at the channel's timeout; nobody waits for it
+                receive.add_done_callback(_retrieve)
                 self._drop(address, link)  # a half-done transfer leaves the pair in an unknown state
                 metrics.HANDOFF_FAILURES.inc()
                 if isinstance(exc, grpc.aio.AioRpcError):
@@ -102,3 +104,9 @@ class KVReceiver:
         link.channel.broken = True
         if self._links.get(address) is link:
             del self._links[address]
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Consume the abandoned receive's outcome (its failure is already reported by the pull)."""
+    if not task.cancelled():
+        task.exception()
