@@ -18,6 +18,9 @@ KEEPALIVE_TIMEOUT_MS = 1000
 CLIENT_OPTIONS = (
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core (1.85 here) times out a keepalive ping by this one, default 60 s, whatever
+    # keepalive_timeout_ms says: without it a SIGSTOPped worker held its streams for a minute.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
