@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grpc
 
+from pdmesh import tracing
 from pdmesh.rpc.cluster_auth import TLS_NAME, ClusterCredentials
 
 KEEPALIVE_TIME_MS = 1000
@@ -39,7 +40,7 @@ def internal_channel(address: str, credentials: ClusterCredentials) -> grpc.aio.
     its certificate under mutual TLS, else the cluster secret on every unary call. Streaming calls
     pass `credentials.metadata()` themselves: an aio interceptor on a stream proxies every message
     through an extra layer, and the token stream is the hot path."""
-    interceptors = [_Metadata(credentials.metadata())] if credentials.secret else []
+    interceptors = [_Metadata(credentials.metadata())] if credentials.secret or tracing.enabled() else []
     tls = credentials.channel_credentials()
     if tls is None:
         return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=interceptors)
@@ -54,7 +55,7 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
         self.extra = extra
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.extra)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *tracing.inject(self.extra))
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
