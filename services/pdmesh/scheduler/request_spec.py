@@ -90,7 +90,7 @@ def prompt_ids_from(model: ModelInfo, prompt: str, messages, token_ids) -> list[
     for i, t in enumerate(ids):
         if not 0 <= t < vocab:
             raise InvalidRequestError(f"prompt_token_ids[{i}] is {t}; token ids must be in [0, {vocab:,})",
-                                      f"prompt_token_ids[{i}]")
+                                      f"prompt_token_ids[{i}]", limit=vocab - 1, value=t)
     return ids
 
 
@@ -104,7 +104,8 @@ def build_spec(request: GenerateRequest, model: ModelInfo, caps: Caps) -> Genera
     check_model(model, request.model)
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(f"request_id has {len(request.request_id)} characters; the limit is "
-                                  f"{MAX_REQUEST_ID_CHARS}", "request_id")
+                                  f"{MAX_REQUEST_ID_CHARS}", "request_id", MAX_REQUEST_ID_CHARS,
+                                  len(request.request_id))
     _check_stop(request.stop, caps)
     prompt_ids = prompt_ids_from(model, request.prompt, request.messages, request.prompt_token_ids)
     if not prompt_ids:
@@ -113,7 +114,7 @@ def build_spec(request: GenerateRequest, model: ModelInfo, caps: Caps) -> Genera
     if n > caps.max_prompt_tokens:
         limit = "max-model-len is" if caps.max_prompt_tokens == caps.max_model_len - 1 else "max-prompt-tokens is"
         bound = caps.max_model_len if limit.startswith("max-model") else caps.max_prompt_tokens
-        raise InvalidRequestError(f"prompt has {n:,} tokens; {limit} {bound:,}", "prompt")
+        raise InvalidRequestError(f"prompt has {n:,} tokens; {limit} {bound:,}", "prompt", caps.max_prompt_tokens, n)
     room = caps.max_model_len - n
     max_tokens = _max_tokens(request, n, room, caps)
     params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
@@ -136,24 +137,26 @@ def _max_tokens(request: GenerateRequest, num_prompt: int, room: int, caps: Caps
         return min(caps.default_max_tokens, caps.max_output_tokens, room)
     max_tokens = request.max_tokens
     if max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; it must be at least 1", "max_tokens")
+        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; it must be at least 1", "max_tokens", 1, max_tokens)
     if max_tokens > caps.max_output_tokens:
         raise InvalidRequestError(f"max_tokens is {max_tokens:,}; max-output-tokens is {caps.max_output_tokens:,}",
-                                  "max_tokens")
+                                  "max_tokens", caps.max_output_tokens, max_tokens)
     if max_tokens > room:
         raise InvalidRequestError(
             f"prompt has {num_prompt:,} tokens and max_tokens is {max_tokens:,}: "
-            f"{num_prompt + max_tokens:,} exceeds max-model-len {caps.max_model_len:,}", "max_tokens")
+            f"{num_prompt + max_tokens:,} exceeds max-model-len {caps.max_model_len:,}", "max_tokens",
+            room, max_tokens)
     return max_tokens
 
 
 def _check_stop(stop, caps: Caps) -> None:
     if len(stop) > caps.max_stop_strings:
         raise InvalidRequestError(f"stop has {len(stop):,} strings; the limit is {caps.max_stop_strings:,} "
-                                  "(--max-stop-strings)", "stop")
+                                  "(--max-stop-strings)", "stop", caps.max_stop_strings, len(stop))
     for i, s in enumerate(stop):
         if not s:
             raise InvalidRequestError(f"stop[{i}] is empty", f"stop[{i}]")
         if len(s) > caps.max_stop_string_chars:
             raise InvalidRequestError(f"stop[{i}] has {len(s):,} characters; the limit is "
-                                      f"{caps.max_stop_string_chars:,} (--max-stop-string-chars)", f"stop[{i}]")
+                                      f"{caps.max_stop_string_chars:,} (--max-stop-string-chars)", f"stop[{i}]",
+                                      caps.max_stop_string_chars, len(s))
