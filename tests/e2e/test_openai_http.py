@@ -78,10 +78,13 @@ def grpc_text(mesh, **request) -> str:
         return client.generate(**request).text
 
 
+def cluster_status(mesh):
+    with PdmeshClient(mesh.address, api_key="k-ops") as client:  # an admin tenant
+        return client.cluster_status()
+
+
 def blocks_free(mesh) -> bool:
-    with PdmeshClient(mesh.address, api_key="k-ops") as client:
-        return all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0
-                   for w in client.cluster_status().workers)
+    return all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in cluster_status(mesh).workers)
 
 
 def sdk(mesh, key: str = KEY) -> openai.OpenAI:
@@ -217,6 +220,12 @@ def test_rate_limit_is_429_with_retry_after(http_mesh):
 
 
 def test_full_queue_is_429_with_retry_after(http_mesh):
+    async def until(condition, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition(await asyncio.to_thread(cluster_status, http_mesh)):
+            assert time.monotonic() < deadline, "the mesh never reached the state this test needs"
+            await asyncio.sleep(0.05)
+
     async def scenario():
         async with openai.AsyncOpenAI(base_url=http_mesh.http_url, api_key=KEY, max_retries=0) as client:
             async def one(tokens: int):
@@ -227,9 +236,9 @@ def test_full_queue_is_429_with_retry_after(http_mesh):
                     return exc.status_code, exc.response.headers.get("retry-after"), exc.message
             # 4 long requests take every KV block; 4 more fill the queue; the rest are refused at once
             long = [asyncio.create_task(one(240)) for _ in range(4)]
-            await asyncio.sleep(1.0)
+            await until(lambda status: sum(w.running for w in status.workers if w.role == "decode") == 4)
             queued = [asyncio.create_task(one(1)) for _ in range(4)]
-            await asyncio.sleep(0.5)
+            await until(lambda status: status.queued == 4)
             refused = await asyncio.gather(*(one(1) for _ in range(3)))
             return refused, await asyncio.gather(*long, *queued)
     refused, served = asyncio.run(scenario())
