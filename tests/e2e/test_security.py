@@ -182,10 +182,12 @@ def test_many_streams_and_dropped_connections_leave_nothing_behind(keyed_mesh):
             codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
             details.add(exc.details()[:150])
     channel.close()
-    # Served; or refused at once with a reason (queue full); or refused by HTTP/2 itself before the
-    # client learned the connection's max_concurrent_streams (REFUSED_STREAM: never processed).
+    # Served; or refused at once with a reason: queue full, or (on a loaded machine) heartbeats late
+    # enough that no worker was routable for a moment; or refused by HTTP/2 itself before the client
+    # learned the connection's max_concurrent_streams (REFUSED_STREAM: never processed).
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, (codes, details)
-    assert all("RST_STREAM with error code 7" in d or "queue" in d for d in details), details
+    reasons = ("RST_STREAM with error code 7", "queue", "no healthy decode worker")
+    assert all(any(r in d for r in reasons) for d in details), details
     assert codes.get("OK", 0) >= 100
     for _ in range(500):  # open, start a stream, drop the connection
         dropped = grpc.insecure_channel(keyed_mesh.address)

@@ -17,7 +17,7 @@ import grpc
 from pdmesh import metrics
 from pdmesh.rpc.channels import internal_channel
 from pdmesh.rpc.cluster_auth import ClusterCredentials
-from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import DeadlineError, EngineError
@@ -51,7 +51,7 @@ class PrefillClients:
 
 
 class DecodeStream:
-    def __init__(self, engine: AsyncEngine, receiver: KVReceiver, clients: PrefillClients, prefill_timeout_s: float):
+    def __init__(self, engine: Engine, receiver: KVReceiver, clients: PrefillClients, prefill_timeout_s: float):
         self.engine = engine
         self.receiver = receiver
         self.clients = clients
@@ -60,7 +60,7 @@ class DecodeStream:
     async def run(self, request_id: str, prompt: list[int], params: SamplingParams, prefill_addresses: list[str],
                   output_offset: int, timeout_s: float | None) -> AsyncIterator[decode_pb2.DecodeChunk]:
         """prefill_addresses: prefill workers to try in order; after them (or with none) prefill here."""
-        self.engine.engine.validate(prompt, params.max_tokens)
+        self.engine.validate(prompt, params.max_tokens)
         self.engine.reserve(request_id, len(prompt) + params.max_tokens)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:

@@ -1,7 +1,6 @@
-"""Runs an LLMEngine on its own thread and streams its outputs to asyncio callers.
-
-This is the interface a worker service calls. It is kept small on purpose so that another
-engine (vLLM's AsyncLLM) can sit behind the same methods.
+"""pdmesh's own engine behind the worker interface (`engine_protocol.Engine`): an LLMEngine
+stepped on one thread, its outputs streamed to asyncio callers. A tensor-parallel engine is the
+same class built with its group's follower pids and a `close` that stops them.
 """
 
 from __future__ import annotations
@@ -9,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
+from pdmesh.engine.engine_protocol import EngineLoad, KVFingerprint
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sequence import EngineOutput, EngineRequest
 from pdmesh.errors import EngineError
@@ -25,8 +25,16 @@ class AsyncEngine:
     chooses. Workers run it on the process's main thread: on this CPU, torch's OpenMP kernels
     stepped from a second thread ran ~1.5x slower (23 vs 35 tok/s, tools/bench_mesh.py notes)."""
 
-    def __init__(self, engine: LLMEngine, own_thread: bool = True):
+    def __init__(self, engine: LLMEngine, own_thread: bool = True, kind: str = "pdmesh",
+                 follower_pids: tuple[int, ...] = (), on_close: Callable[[], None] | None = None):
+        """kind: "pdmesh" or "echo"; follower_pids, on_close: a tensor-parallel group's other ranks
+        and how to stop them."""
         self.engine = engine
+        self.kind = kind
+        self.model_name = engine.model_config.name
+        self.layout = engine.layout
+        self.follower_pids = tuple(follower_pids)
+        self._on_close = on_close
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
@@ -83,11 +91,31 @@ class AsyncEngine:
     def release_reservation(self, request_id: str) -> bool:
         return self.engine.release_reservation(request_id)
 
+    def validate(self, prompt_ids: list[int], max_tokens: int) -> None:
+        self.engine.validate(prompt_ids, max_tokens)
+
+    def load(self) -> EngineLoad:
+        running, waiting = self.engine.load()
+        return EngineLoad(running, waiting, self.engine.num_free_blocks, self.engine.num_total_blocks,
+                          self.engine.config.block_size)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def fingerprint(self) -> KVFingerprint:
+        return KVFingerprint(self.kind, self.model_name, self.layout)
+
     def stop(self) -> None:
+        """End the step loop (run_here returns)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond this process (a tensor-parallel group's ranks)."""
+        if self._on_close is not None:
+            self._on_close()
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import ssl
 
 from aiohttp import web
 
+from pdmesh import tracing
 from pdmesh.http.routes import OpenAIRoutes
 from pdmesh.scheduler.front_door import FrontDoor
 from pdmesh.scheduler.registry import WorkerRegistry
@@ -21,7 +22,7 @@ class HttpServer:
                  ssl_context: ssl.SSLContext | None = None, max_request_bytes: int = 4 * 2**20,
                  shutdown_timeout_s: float = 30.0):
         """port 0: a free one (see `port` once started)."""
-        self.app = web.Application(client_max_size=max_request_bytes)
+        self.app = web.Application(client_max_size=max_request_bytes, middlewares=[trace_requests])
         OpenAIRoutes(front_door, registry, max_request_bytes).add_to(self.app)
         self.host, self.requested_port, self.ssl_context = host, port, ssl_context
         # handler_cancellation: a client that disconnects cancels its handler, so its decode call
@@ -44,3 +45,13 @@ class HttpServer:
         scheme = "https" if self.ssl_context else "http"
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{self.port}"
+
+
+@web.middleware
+async def trace_requests(request: web.Request, handler) -> web.StreamResponse:
+    """With tracing on, each API call is a server span parented on its `traceparent` header (like
+    every gRPC call); the front door's tokenize and admission spans and the decode call nest in it."""
+    if not tracing.enabled() or request.path == "/health":
+        return await handler(request)
+    with tracing.server_span(f"{request.method} {request.path}", request.headers):
+        return await handler(request)

@@ -11,7 +11,7 @@ import logging
 import time
 
 from pdmesh import metrics
-from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.engine_protocol import Engine
 from pdmesh.errors import NotFoundError
 from pdmesh.kvtransfer.channel import SENDER_RANK, KVChannel, TransferError, connect_store
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class KVSender:
-    def __init__(self, engine: AsyncEngine, host: str, timeout_s: float, ttl_s: float):
+    def __init__(self, engine: Engine, host: str, timeout_s: float, ttl_s: float):
         """host: this worker's advertised address, which its end of each channel binds."""
         self.engine = engine
         self.host = host

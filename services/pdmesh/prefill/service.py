@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from pdmesh import metrics
-from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import UnavailableError
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc, worker_pb2
@@ -18,11 +18,11 @@ from pdmesh.worker.runtime import WorkerState
 class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, state: WorkerState, sender: KVSender):
         self.state = state
-        self.engine: AsyncEngine = state.engine
+        self.engine: Engine = state.engine
         self.sender = sender
 
     async def OpenKVChannel(self, request, context):
-        layout = self.engine.engine.layout
+        layout = self.engine.layout
         check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
         channel = await self.sender.open_channel(request.store_host, request.store_port, request.channel_id)
         return prefill_pb2.OpenKVChannelResponse(layout=layout_to_pb(layout), backend=channel.backend)
@@ -30,7 +30,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request, context):
         if self.state.draining:
             raise UnavailableError(f"prefill worker {self.state.worker_id} is draining")
-        layout = self.engine.engine.layout
+        layout = self.engine.layout
         check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
         self.state.requests_total += 1
         prompt = list(request.prompt_token_ids)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.errors import PdmeshError, ResourceExhaustedError, UnavailableError
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.generate_request import GenerateRequest
@@ -95,8 +95,10 @@ class FrontDoor:
         if not self.accepting:
             raise UnavailableError("the scheduler is shutting down")
         tenant = self.authenticate(credentials)
-        spec = self.check(request)
-        assignment = await self.admission.admit(spec, tenant, timeout_s)
+        with tracing.span("tokenize"):
+            spec = self.check(request)
+        with tracing.span("admission", prompt_tokens=len(spec.prompt_ids), tenant=tenant.name):
+            assignment = await self.admission.admit(spec, tenant, timeout_s)
         run = RequestRun(spec, tenant, assignment, self.stream, arrived, timeout_s)
         self._started(spec)
         try:

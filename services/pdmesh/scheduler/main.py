@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.config import SchedulerConfig
 from pdmesh.engine.checkpoint import load_model_metadata
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -95,6 +95,7 @@ def build_http_server(config: SchedulerConfig, front_door: FrontDoor, registry: 
 
 async def run_scheduler(config: SchedulerConfig) -> None:
     config.security.require()
+    tracing.setup("pdmesh-scheduler", config.otlp_endpoint)
     credentials = ClusterCredentials(config.security.cluster_secret, config.security.tls_dir, "scheduler")
     model = load_model_info(config)
     registry = WorkerRegistry(config.heartbeat_timeout_s)
@@ -139,6 +140,7 @@ async def run_scheduler(config: SchedulerConfig) -> None:
         task.cancel()
     await asyncio.gather(server.stop(grace=30.0), *([http.stop()] if http is not None else []))
     await internal.stop(grace=1.0)
+    tracing.shutdown()
 
 
 async def _watch_health(refresh) -> None:

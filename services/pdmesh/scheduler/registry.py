@@ -69,6 +69,9 @@ class WorkerRegistry:
         info = self.workers.get(worker_id)
         if info is None:
             info = self.workers[worker_id] = WorkerInfo(worker_id, role, address)
+        elif not info.breaker.closed:  # back after a failure (a restart, a healed link)
+            metrics.WORKER_STATE_CHANGES.labels(state="up").inc()
+            log.info("worker %s (%s) registered again and rejoined routing", worker_id, address)
         # Updated in place: requests in flight hold this object and settle against it.
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
         info.ranks = list(ranks or [])

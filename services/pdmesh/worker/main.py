@@ -9,11 +9,12 @@ import threading
 
 import uvloop
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.config import WorkerConfig
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.decode.service import DecodeWorkerServicer
 from pdmesh.decode.stream import DecodeStream, PrefillClients
+from pdmesh.engine.engine_protocol import Engine
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from pdmesh.prefill.kv_sender import KVSender
 from pdmesh.prefill.service import PrefillWorkerServicer
@@ -30,17 +31,16 @@ def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
     loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
     config.security.require()
-    engine, group = start_engine(config, logging.getLevelName(logging.getLogger().level))
-    follower_pids = group.follower_pids() if group else []
+    tracing.setup(f"pdmesh-{config.role}", config.otlp_endpoint)
+    engine = start_engine(config, logging.getLevelName(logging.getLogger().level))
     stop = _StopSignal()
-    server_thread = threading.Thread(target=_serve_then_stop, args=(config, engine, follower_pids, stop, grace_s),
-                                     name="rpc")
+    server_thread = threading.Thread(target=_serve_then_stop, args=(config, engine, stop, grace_s), name="rpc")
     server_thread.start()
     stop.install()
     engine.run_here()
     server_thread.join()
-    if group is not None:
-        group.stop()
+    engine.close()
+    tracing.shutdown()
 
 
 class _StopSignal:
@@ -61,20 +61,19 @@ class _StopSignal:
             self.loop.call_soon_threadsafe(self.event.set)
 
 
-def _serve_then_stop(config: WorkerConfig, engine, follower_pids: list[int], stop: _StopSignal,
-                     grace_s: float) -> None:
+def _serve_then_stop(config: WorkerConfig, engine: Engine, stop: _StopSignal, grace_s: float) -> None:
     try:
-        uvloop.run(_serve(config, engine, follower_pids, stop, grace_s))
+        uvloop.run(_serve(config, engine, stop, grace_s))
     except Exception:
         log.exception("worker server failed")
     finally:
         engine.stop()  # ends run_here() on the main thread
 
 
-async def _serve(config: WorkerConfig, engine, follower_pids: list[int], stop: _StopSignal, grace_s: float) -> None:
+async def _serve(config: WorkerConfig, engine: Engine, stop: _StopSignal, grace_s: float) -> None:
     stop.loop, stop.event = asyncio.get_running_loop(), asyncio.Event()
     stop.ready.set()
-    state = WorkerState(config, engine, "", follower_pids)
+    state = WorkerState(config, engine, "")
     listen = config.listen
     host = listen.advertised_host()
     credentials = ClusterCredentials(config.security.cluster_secret, config.security.tls_dir, config.role)
@@ -86,7 +85,7 @@ async def _serve(config: WorkerConfig, engine, follower_pids: list[int], stop: _
         background.append(sender.expire_forever())
     else:
         clients = PrefillClients(credentials)
-        receiver = KVReceiver("", host, engine.engine.layout, config.kv_timeout_s)
+        receiver = KVReceiver("", host, engine.layout, config.kv_timeout_s)
         spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
                            DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients, config.prefill_timeout_s)),
                            service_name(decode_pb2, "DecodeWorker"))
@@ -125,7 +124,7 @@ async def _drain(state: WorkerState, server, grace_s: float, sender: KVSender | 
     await server.set_serving(False)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
-    while loop.time() < deadline and (state.engine.engine.has_work() or (sender and sender.held)):
+    while loop.time() < deadline and (state.engine.has_work() or (sender and sender.held)):
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
     log.info("%s stopped", state.worker_id)

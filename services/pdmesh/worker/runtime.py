@@ -14,6 +14,7 @@ from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.engine.echo_model import EchoModel, echo_config
+from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
 from pdmesh.worker.convert import layout_to_pb
@@ -35,35 +36,36 @@ def group_threads(config: WorkerConfig) -> CpuPlacement:
     return replace(config.cpu, threads=max(1, (config.cpu.threads or os.cpu_count() or 1) // config.tp))
 
 
-def start_engine(config: WorkerConfig, log_level: str = "INFO"):
-    """(AsyncEngine stepped by the caller, the tensor-parallel group or None)."""
+def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
+    """The worker's engine, behind the worker interface; the worker steps it on its main thread."""
     apply_cpu_placement(group_threads(config))
     checkpoint = load_checkpoint(config.model, log=log.info)
-    group = None
     if config.tp > 1:
         from pdmesh.worker.tensor_parallel_group import start_tp_group
 
         group = start_tp_group(config, checkpoint, log_level)
-        engine = group.engine
+        engine = AsyncEngine(group.engine, own_thread=False, follower_pids=tuple(group.follower_pids()),
+                             on_close=group.stop)
     elif config.engine_kind == "echo":
         model_config = echo_config(checkpoint.config)
-        engine = LLMEngine(model_config, {}, config.engine, model=EchoModel(model_config, config.echo_step_ms / 1000))
+        engine = AsyncEngine(LLMEngine(model_config, {}, config.engine,
+                                       model=EchoModel(model_config, config.echo_step_ms / 1000)),
+                             own_thread=False, kind="echo")
     else:
-        engine = LLMEngine(checkpoint.config, checkpoint.weights, config.engine)
-    log.info("%s worker: %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
-             engine.model_config.name, engine.num_total_blocks, config.engine.block_size,
-             torch.get_num_threads(), os.nice(0))
-    return AsyncEngine(engine, own_thread=False), group  # the worker steps it on the main thread
+        engine = AsyncEngine(LLMEngine(checkpoint.config, checkpoint.weights, config.engine), own_thread=False)
+    load = engine.load()
+    log.info("%s worker: %s (%s engine), %d KV blocks of %d tokens, %d threads, nice %d", config.role,
+             engine.model_name, engine.kind, load.total_blocks, load.block_size, torch.get_num_threads(), os.nice(0))
+    return engine
 
 
 class WorkerState:
     """What a worker reports on every heartbeat; also keeps its Prometheus gauges current."""
 
-    def __init__(self, config: WorkerConfig, engine: AsyncEngine, address: str, follower_pids: list[int]):
+    def __init__(self, config: WorkerConfig, engine: Engine, address: str):
         self.config = config
         self.engine = engine
         self.address = address
-        self.follower_pids = follower_pids
         self.worker_id = config.worker_id or f"{config.role}-{address}"
         self.queued_prompt_tokens = 0
         self.requests_total = 0
@@ -75,30 +77,28 @@ class WorkerState:
         """Take no new work from now on; the worker exits once what runs is done. Returns running."""
         self.draining = True
         self.drain_requested.set()
-        running, _ = self.engine.engine.load()
-        return running
+        return self.engine.load().running
 
     def load(self) -> worker_pb2.WorkerLoad:
-        engine = self.engine.engine
-        running, waiting = engine.load()
-        free, total = engine.num_free_blocks, engine.num_total_blocks
-        metrics.RUNNING.set(running)
-        metrics.QUEUED.set(waiting)
-        metrics.KV_BLOCKS_FREE.set(free)
-        metrics.KV_BLOCKS_TOTAL.set(total)
-        return worker_pb2.WorkerLoad(running=running, queued=waiting, queued_prompt_tokens=self.queued_prompt_tokens,
-                                     kv_blocks_free=free, kv_blocks_total=total, block_size=engine.config.block_size,
+        load = self.engine.load()
+        metrics.RUNNING.set(load.running)
+        metrics.QUEUED.set(load.waiting)
+        metrics.KV_BLOCKS_FREE.set(load.free_blocks)
+        metrics.KV_BLOCKS_TOTAL.set(load.total_blocks)
+        return worker_pb2.WorkerLoad(running=load.running, queued=load.waiting,
+                                     queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
+                                     kv_blocks_total=load.total_blocks, block_size=load.block_size,
                                      state="draining" if self.draining else "serving",
                                      requests_total=self.requests_total)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
-        pids = [os.getpid(), *self.follower_pids]
-        heads = self.engine.engine.layout.rank_kv_heads or (self.engine.engine.layout.kv_head_ids,)
+        pids = [os.getpid(), *self.engine.follower_pids]
+        heads = self.engine.layout.rank_kv_heads or (self.engine.layout.kv_head_ids,)
         return [worker_pb2.TPRank(rank=r, pid=pid, kv_head_ids=list(h)) for r, (pid, h) in enumerate(zip(pids, heads))]
 
     def register_request(self) -> registry_pb2.RegisterRequest:
         return registry_pb2.RegisterRequest(worker_id=self.worker_id, role=self.config.role, address=self.address,
-                                            model=self.engine.engine.model_config.name, tp_size=self.config.tp,
+                                            model=self.engine.model_name, tp_size=self.config.tp,
                                             tp_ranks=self.tp_ranks(),
-                                            layout=layout_to_pb(self.engine.engine.layout),
+                                            layout=layout_to_pb(self.engine.layout),
                                             metrics_address=self.metrics_address, restarts=self.config.restarts)
