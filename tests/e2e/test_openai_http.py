@@ -40,13 +40,15 @@ PROMPT_IDS = list(range(100, 110))
 
 @pytest.fixture(scope="module")
 def http_mesh(tmp_path_factory):
-    """Echo engine at 20 ms a step; 64 decode KV blocks (4 requests of 256 tokens) and a queue of 4."""
+    """Echo engine at 20 ms a step; 64 decode KV blocks (4 requests of 256 tokens) and a queue of 4;
+    heartbeats every 0.2 s, so cluster status shows KV within 0.2 s of the worker."""
     folder = tmp_path_factory.mktemp("http_mesh")
     (folder / "tenants.toml").write_text(TENANTS)
     mesh = start_mesh(folder / "serve.log", "--engine", "echo", "--echo-step-ms", "20",
                       "--kv-cache-gib", str(64 * ECHO_BLOCK_BYTES / 2**30), "--max-model-len", "512",
                       "--max-output-tokens", "400", "--max-queued-requests", "4", "--default-max-tokens", "8",
-                      "--local-prefill-threshold", "0", "--tenants-file", str(folder / "tenants.toml"))
+                      "--local-prefill-threshold", "0", "--tenants-file", str(folder / "tenants.toml"),
+                      "--heartbeat-interval", "0.2")
     mesh.model = json.loads(get(mesh, "/models", KEY)[2])["data"][0]["id"]
     yield mesh
     assert mesh.stop() == 0
@@ -265,7 +267,10 @@ def test_disconnect_mid_stream_frees_kv_within_a_second(http_mesh):
     for _ in range(4):
         assert response.readline().startswith(b"data: ")
         response.readline()
-    assert not blocks_free(http_mesh)  # 300 tokens at 20 ms a step: seconds of stream left
+    held = time.monotonic()
+    while blocks_free(http_mesh):  # 300 tokens at 20 ms a step: seconds of stream left
+        assert time.monotonic() - held < 3.0, "the stream's KV never showed as held"
+        time.sleep(0.05)
     connection.sock.shutdown(2)
     connection.close()
     gone = time.monotonic()
