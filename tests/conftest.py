@@ -6,11 +6,16 @@ session and shared by every test file that asks for it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from pdmesh.engine.default_model import ensure_default_model
+
+# Every scheduler a test starts serves its OpenAI HTTP API on a free port, not the default 8000,
+# so meshes of concurrent tests (and of other checkouts on this machine) never collide there.
+os.environ.setdefault("PDMESH_HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,28 @@
 
 Every call takes a deadline (timeout_s). A call that fails with UNAVAILABLE before its first chunk
 is retried with exponential backoff (tenacity); once text has arrived it is never retried, so a
-stream is never duplicated. Errors come out as grpc.RpcError with the server's status code.
+stream is never duplicated.
+
+A failed call raises a typed error (`pdmesh.client_errors`, importable from here), each a
+`PdmeshClientError` with the server's details decoded:
+
+    from pdmesh.client import InvalidRequestError, RetryLaterError
+    try:
+        client.generate(prompt=long_text, max_tokens=64)
+    except InvalidRequestError as exc:      # INVALID_ARGUMENT
+        print(exc.field, exc.limit, exc.value)   # prompt 8191 9214
+    except RetryLaterError as exc:          # RESOURCE_EXHAUSTED (queue full, rate limit) or UNAVAILABLE
+        time.sleep(exc.retry_after_s or 1)
+
+InvalidRequestError (field, limit, value), NotFoundError (unknown model), ResourceExhaustedError
+and UnavailableError (both RetryLaterError: retry_after_s), UnauthenticatedError,
+PermissionDeniedError, DeadlineExceededError; any other status is a plain PdmeshClientError.
+Each is also a grpc.RpcError (`code()`, `details()` and `trailing_metadata()` are the call's).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
@@ -20,6 +37,9 @@ import grpc
 from tenacity import (AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt,
                       wait_exponential)
 
+from pdmesh.client_errors import (DeadlineExceededError, InvalidRequestError, NotFoundError,  # noqa: F401
+                                  PdmeshClientError, PermissionDeniedError, ResourceExhaustedError, RetryLaterError,
+                                  UnauthenticatedError, UnavailableError, typed)
 from pdmesh.gen.pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc import cluster_auth
 
@@ -70,6 +90,17 @@ def join(chunks: list[Chunk]) -> Completion:
                       last.finish_reason, last.prompt_tokens, last.completion_tokens, last.request_id)
 
 
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    """A failed call's grpc.RpcError, raised as its typed PdmeshClientError."""
+    try:
+        yield
+    except PdmeshClientError:
+        raise
+    except grpc.RpcError as exc:
+        raise typed(exc) from exc
+
+
 def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -106,13 +137,14 @@ class PdmeshClient(_Settings):
     def stream(self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs) -> Iterator[Chunk]:
         request = build_request(prompt, **kwargs)
         timeout = timeout_s or self.timeout_s
-        for attempt in Retrying(**self.retry):
-            with attempt:
-                responses = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
-                first = next(responses)  # UNAVAILABLE before any text: retried
-        yield _chunk(first)
-        for response in responses:
-            yield _chunk(response)
+        with _typed_errors():
+            for attempt in Retrying(**self.retry):
+                with attempt:
+                    responses = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+                    first = next(responses)  # UNAVAILABLE before any text: retried
+            yield _chunk(first)
+            for response in responses:
+                yield _chunk(response)
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         return join(list(self.stream(prompt, **kwargs)))
@@ -120,15 +152,18 @@ class PdmeshClient(_Settings):
     def count_tokens(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
         request = scheduler_pb2.CountTokensRequest(
             prompt=prompt or "", messages=[scheduler_pb2.ChatMessage(**m) for m in messages or []])
-        return list(self.stub.CountTokens(request, timeout=self.timeout_s, metadata=self.metadata).token_ids)
+        with _typed_errors():
+            return list(self.stub.CountTokens(request, timeout=self.timeout_s, metadata=self.metadata).token_ids)
 
     def list_models(self) -> list[scheduler_pb2.Model]:
-        return list(self.stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=self.timeout_s,
-                                         metadata=self.metadata).models)
+        with _typed_errors():
+            return list(self.stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=self.timeout_s,
+                                             metadata=self.metadata).models)
 
     def cluster_status(self) -> scheduler_pb2.ClusterStatus:
-        return self.stub.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=self.timeout_s,
-                                          metadata=self.metadata)
+        with _typed_errors():
+            return self.stub.GetClusterStatus(scheduler_pb2.GetClusterStatusRequest(), timeout=self.timeout_s,
+                                              metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -154,14 +189,15 @@ class AsyncPdmeshClient(_Settings):
                      **kwargs) -> AsyncIterator[Chunk]:
         request = build_request(prompt, **kwargs)
         timeout = timeout_s or self.timeout_s
-        async for attempt in AsyncRetrying(**self.retry):
-            with attempt:
-                call = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
-                first = await call.read()
-        response = first
-        while response is not grpc.aio.EOF:  # read() only: grpc.aio forbids mixing it with async for
-            yield _chunk(response)
-            response = await call.read()
+        with _typed_errors():
+            async for attempt in AsyncRetrying(**self.retry):
+                with attempt:
+                    call = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+                    first = await call.read()
+            response = first
+            while response is not grpc.aio.EOF:  # read() only: grpc.aio forbids mixing it with async for
+                yield _chunk(response)
+                response = await call.read()
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         return join([chunk async for chunk in self.stream(prompt, **kwargs)])

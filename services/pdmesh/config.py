@@ -21,6 +21,7 @@ ROLES = ("prefill", "decode")
 ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load tests only)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECRET_ENV = "PDMESH_CLUSTER_SECRET"
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API's usual port (vLLM, SGLang)
 MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
 OTLP_OPTION = option("host:port of an OTLP/gRPC collector: export trace spans there (unset: tracing off)")
 
@@ -167,6 +168,9 @@ class SchedulerConfig:
         "a worker silent this many seconds leaves routing", flag="heartbeat-timeout"))
     internal_port: int = field(default=50052, metadata=option(
         "port of the internal face (worker membership), for workers' --scheduler (0: a free one)"))
+    http_port: int = field(default=DEFAULT_HTTP_PORT, metadata=option(
+        "port of the OpenAI-compatible HTTP API beside the gRPC client port, same TLS and tenants "
+        "(0: a free one, -1: off)"))
     security: Security = field(default_factory=Security, metadata=group())
     tls_cert: str | None = field(default=None, metadata=option("PEM certificate for TLS on the client port"))
     tls_key: str | None = field(default=None, metadata=option("PEM private key for TLS on the client port"))
@@ -191,6 +195,8 @@ class SchedulerConfig:
             raise InvalidRequestError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.local_prefill_threshold < 0:
             raise InvalidRequestError("local_prefill_threshold must be >= 0", "local_prefill_threshold")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidRequestError(f"http_port must be in [-1, 65535], got {self.http_port}", "http_port")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise InvalidRequestError("heartbeat_timeout_s must exceed heartbeat_interval_s")
         for name in ("max_stop_strings", "max_stop_string_chars", "max_request_bytes", "max_streams_per_connection"):

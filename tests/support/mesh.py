@@ -64,6 +64,12 @@ class Mesh:
     process: subprocess.Popen
     log_path: Path
     children: set[int] = field(default_factory=set)  # serve's descendants when stop() began
+    http_port: int = -1  # the OpenAI-compatible API's port (-1: off)
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def client(self, **kwargs) -> PdmeshClient:
         return PdmeshClient(self.address, **kwargs)
@@ -97,8 +103,11 @@ class Mesh:
 
 
 def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
+    """The HTTP API gets a free port of its own unless flags set --http-port."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *flags]
+    http_port = int(flags[flags.index("--http-port") + 1]) if "--http-port" in flags else free_port()
+    http = [] if "--http-port" in flags else ["--http-port", str(http_port)]
+    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *http, *flags]
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
@@ -107,7 +116,7 @@ def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
             os.killpg(process.pid, signal.SIGKILL)
             raise RuntimeError(f"pdmesh serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         if "pdmesh is ready" in log_path.read_text():
-            return Mesh(f"127.0.0.1:{port}", process, log_path)
+            return Mesh(f"127.0.0.1:{port}", process, log_path, http_port=http_port)
         time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)  # serve and every process it started
     raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")

@@ -65,7 +65,7 @@ class Router:
         if all(w.load.kv_blocks_total < blocks_for(num_tokens, w.load.block_size) for w in candidates):
             most = max(w.load.kv_blocks_total * w.load.block_size for w in candidates)
             raise InvalidRequestError(f"prompt + max_tokens is {num_tokens:,} tokens; the largest decode worker's "
-                                      f"KV cache holds {most:,}", "max_tokens")
+                                      f"KV cache holds {most:,}", "max_tokens", most, num_tokens)
         fits = [w for w in candidates if free_blocks(w) >= blocks_for(num_tokens, w.load.block_size)]
         if not fits:
             best = max(free_blocks(w) for w in candidates)
