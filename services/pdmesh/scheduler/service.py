@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from pdmesh import metrics
-from pdmesh.errors import PdmeshError, UnavailableError
+from pdmesh.errors import DeadlineError, PdmeshError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
-from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
+from pdmesh.scheduler.registry import Pairing, WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_model, prompt_ids_from
-from pdmesh.scheduler.stream import MeshStream
+from pdmesh.scheduler.stream import MeshStream, Route
+from pdmesh.worker.convert import layout_from_pb
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -36,7 +38,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except PdmeshError:
             metrics.REJECTIONS.labels(reason="invalid").inc()
             raise
-        assignment = await self.admission.admit(spec, tenant, context.time_remaining())
+        assignment = await self._admit(spec, tenant, context)
         self.running += 1
         metrics.RUNNING.set(self.running)
         metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
@@ -51,6 +53,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     outcome = delta.finish_reason
                     response.usage.prompt_tokens = delta.prompt_tokens
                     response.usage.completion_tokens = delta.completion_tokens
+                    if delta.route is not None:
+                        response.route.CopyFrom(route_to_pb(delta.route))
                 yield response
         finally:
             if outcome == "error" and context.cancelled():
@@ -59,6 +63,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             metrics.REQUESTS.labels(outcome=outcome).inc()
             self.running -= 1
             metrics.RUNNING.set(self.running)
+
+    async def _admit(self, spec, tenant, context):
+        """Wait in the admission queue; a cancel or deadline there is counted (nothing is held yet)."""
+        try:
+            return await self.admission.admit(spec, tenant, context.time_remaining())
+        except (asyncio.CancelledError, DeadlineError) as exc:
+            cause = "cancel" if isinstance(exc, asyncio.CancelledError) else "deadline"
+            metrics.ABANDONED.labels(phase="queued", cause=cause).inc()
+            raise
 
     async def ListModels(self, request, context):
         m = self.model
@@ -98,7 +111,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
                                load_from_pb(request.load), request.metrics_address,
-                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts)
+                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts,
+                               Pairing(request.model, request.engine or "pdmesh",
+                                       layout_from_pb(request.layout) if request.HasField("layout") else None))
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
@@ -118,3 +133,9 @@ def load_from_pb(pb) -> WorkerLoad:
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
                       block_size=pb.block_size or 16, state=pb.state or "serving",
                       requests_total=pb.requests_total)
+
+
+def route_to_pb(route: Route) -> scheduler_pb2.Route:
+    return scheduler_pb2.Route(prefill_worker_id=route.prefill_worker_id, decode_worker_ids=route.decode_worker_ids,
+                               prefill_fallbacks=route.prefill_fallbacks, resumes=route.resumes,
+                               kv_recomputes=route.kv_recomputes)

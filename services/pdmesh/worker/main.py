@@ -9,7 +9,7 @@ import threading
 
 import uvloop
 
-from pdmesh import metrics
+from pdmesh import faults, metrics
 from pdmesh.config import WorkerConfig
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.decode.service import DecodeWorkerServicer
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
     loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
+    faults.install(faults.parse(config.faults))
     engine, group = start_engine(config, logging.getLevelName(logging.getLogger().level))
     follower_pids = group.follower_pids() if group else []
     stop = _StopSignal()
