@@ -50,18 +50,19 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.scheduler_port}"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
         self.procs[name] = proc
         return proc
 
     def start_scheduler(self, *flags: str) -> None:
         self._spawn("scheduler", "scheduler", "--port", str(self.scheduler_port), "--model", str(self.model), *flags)
 
-    def start_worker(self, role: str, name: str, *flags: str) -> None:
+    def start_worker(self, role: str, name: str, *flags: str, env: dict[str, str] | None = None) -> None:
         self._spawn(name, role, "--scheduler", self.address, "--worker-id", name, "--model", str(self.model),
-                    "--kv-cache-gib", "0.05", "--threads", "1", *flags)
+                    "--kv-cache-gib", "0.05", "--threads", "1", *flags, env=env)
 
     def client(self, **kwargs) -> PdmeshClient:
         return PdmeshClient(self.address, **kwargs)

@@ -96,11 +96,13 @@ class Mesh:
         return alive(self.children)
 
 
-def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
+def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Mesh:
+    """env: extra environment for serve (and so its children), e.g. {"PDMESH_FAULTS": "kv_corrupt=1"}."""
     port = free_port()
     cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), *flags]
     log = open(log_path, "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
