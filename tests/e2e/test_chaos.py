@@ -1,5 +1,5 @@
 """Chaos under load: kill -9, SIGSTOP, drain, rolling restarts, a scheduler restart and a KV layout
-mismatch, on a mesh of separate processes (2 prefill, 2 decode workers) with a tiny random Llama.
+mismatch refused at registration, on a mesh of separate processes (2 prefill, 2 decode workers) with a tiny random Llama.
 What must hold: zero failed requests, greedy output identical to an undisturbed run, zero KV blocks
 held on live workers once idle, and the scheduler SERVING throughout."""
 
@@ -11,6 +11,9 @@ import time
 import grpc
 import pytest
 
+from pdmesh.gen.pdmesh.v1.registry_pb2 import RegisterRequest
+from pdmesh.gen.pdmesh.v1.registry_pb2_grpc import RegistryStub
+from pdmesh.gen.pdmesh.v1.worker_pb2 import KVLayout
 from pdmesh.rpc.reflection_client import ReflectionClient
 from support.cluster import (NEW_TOKENS, WORKER_FLAGS, Cluster, Load, prompts, scheduler_metric,
                              wait_for_tokens)
@@ -97,23 +100,26 @@ def test_scheduler_restart(cluster, expected):
     assert list(done.token_ids) == expected[0]
 
 
-def test_layout_mismatch_is_refused_and_requests_fall_back(cluster, expected):
-    cluster.start_worker("prefill", "prefill-bf16", "--dtype", "bfloat16", *WORKER_FLAGS)
-    cluster.wait_healthy({"prefill-bf16"})
-    cluster.kill("prefill-a", signal.SIGTERM)
-    cluster.kill("prefill-b", signal.SIGTERM)  # only the mismatched prefill worker is left
-    cluster.wait_until(lambda: {w.worker_id for w in cluster.workers() if w.role == "prefill" and w.healthy}
-                       == {"prefill-bf16"}, 30)
-    address = next(w.address for w in cluster.workers() if w.worker_id == "prefill-bf16")
-    with ReflectionClient(address) as client:
+def test_layout_mismatch_is_refused_at_registration(cluster, expected):
+    # An echo-engine prefill worker: another engine kind, another KV layout. (A bf16 worker cannot
+    # even start on CPUs without avx512_bf16-class support, such as this project's CI machines.)
+    cluster.start_worker("prefill", "prefill-echo", "--engine", "echo", *WORKER_FLAGS)
+    log = cluster.logs / "prefill-echo.log"
+    refusal = cluster.wait_until(lambda: next((line for line in log.read_text().splitlines()
+                                                if "refused this worker" in line), None), 60, "a refusal")
+    assert "prefill worker prefill-echo cannot pair with decode worker decode-" in refusal
+    assert "engine kind differs" in refusal and "engine echo" in refusal and "engine pdmesh" in refusal
+    assert "prefill-echo" not in {w.worker_id for w in cluster.workers()}  # never routed to
+    with grpc.insecure_channel(cluster.address) as channel:  # a bf16 worker, registering by hand
         with pytest.raises(grpc.RpcError) as err:
-            list(client.call("pdmesh.v1.PrefillWorker/Prefill", {
-                "request_id": "x", "prompt_token_ids": [5, 6], "sampling": {"max_tokens": 1},
-                "layout": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32",
-                           "kv_head_ids": [0, 1]}}))
+            RegistryStub(channel).Register(RegisterRequest(
+                worker_id="prefill-x", role="prefill", address="127.0.0.1:1", engine="pdmesh",
+                layout=KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", kv_head_ids=[0, 1])),
+                timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "dtype is bfloat16 on the sender, float32 here" in err.value.details()
-    with cluster.client() as c:  # the decode worker prefills locally instead
+    assert "prefill worker prefill-x cannot pair with decode worker decode-" in err.value.details()
+    assert "KV dtype differs" in err.value.details() and "bfloat16" in err.value.details()
+    with cluster.client() as c:  # the mesh serves on, untouched
         done = c.generate(prompt_token_ids=prompts(24)[3], max_tokens=NEW_TOKENS, ignore_eos=True)
     assert list(done.token_ids) == expected[3]
     cluster.wait_blocks_free()

@@ -35,10 +35,10 @@ class Pairing:
 
     def mismatch(self, other: "Pairing") -> str | None:
         """The first thing that differs between self and other, or None if they can pair."""
-        if self.model and other.model and self.model != other.model:
-            return "model"
         if self.engine != other.engine:
             return "engine kind"
+        if self.model and other.model and self.model != other.model:
+            return "model"
         if self.layout is not None and other.layout is not None:
             for name in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
                 if getattr(self.layout, name) != getattr(other.layout, name):
