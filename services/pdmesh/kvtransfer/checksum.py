@@ -4,7 +4,7 @@ A KV tensor is [layers, 2, tokens, kv heads, head_dim] and travels one layer per
 ends hash it layer by layer in order, so the receiver hashes each layer while the next ones are
 still on the wire and only the last layer's hash lands on the hand-off's critical path (the
 sender hashes while its sends are in flight). On CPU the hash is xxh3_64 over the raw bytes
-(~15 GB/s on one core here; zlib.crc32 did 2.3 GB/s, too slow to hide; tools/bench_checksum.py).
+(~13 GB/s on one core here; zlib.crc32 did 3.6 GB/s, too slow to hide; tools/bench_checksum.py).
 On a GPU the bytes never come to the host: the checksum is an on-device reduction, a sum and a
 position-weighted sum of the 32-bit words (a flipped bit changes the first, two swapped
 words the second).
