@@ -42,6 +42,11 @@ def test_kill_decode_worker_mid_stream(cluster, expected):
     load.finish(expected)
     assert detected_s < 5
     assert scheduler_metric(cluster, "pdmesh_resumed_streams_total") >= 1
+    routes = list(load.routes.values())
+    assert all(len(r.decode_worker_ids) == r.resumes + 1 and r.prefill_worker_id.startswith("prefill-")
+               for r in routes)  # threshold 0: every prompt through a prefill worker
+    moved = [r for r in routes if r.resumes]
+    assert moved and all(r.decode_worker_ids[0] == victim != r.decode_worker_ids[-1] for r in moved)
     cluster.wait_blocks_free()
 
 

@@ -127,6 +127,7 @@ class Load:
         self.cluster = cluster
         self.count = count
         self.results: dict[int, list[int] | grpc.RpcError] = {}
+        self.routes: dict[int, object] = {}  # request -> its answer's Route
         self.not_serving: list[str] = []
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(8)
@@ -142,6 +143,7 @@ class Load:
             try:
                 done = c.generate(prompt_token_ids=prompts(24)[i], max_tokens=NEW_TOKENS, ignore_eos=True)
                 self.results[i] = list(done.token_ids)
+                self.routes[i] = done.route
             except grpc.RpcError as exc:
                 self.results[i] = exc
 
