@@ -11,7 +11,6 @@ transfer. Workers heartbeat every 0.2 s, so the scheduler's cluster status is at
 from __future__ import annotations
 
 import re
-import signal
 import time
 
 import grpc
