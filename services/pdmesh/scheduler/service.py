@@ -9,7 +9,8 @@ from pdmesh import metrics
 from pdmesh.errors import DeadlineError, PdmeshError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
-from pdmesh.scheduler.registry import Pairing, WorkerLoad, WorkerRegistry
+from pdmesh.scheduler.pairing import Pairing
+from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_model, prompt_ids_from
 from pdmesh.scheduler.stream import MeshStream, Route
