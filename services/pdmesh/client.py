@@ -45,6 +45,17 @@ from pdmesh.rpc import cluster_auth
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """The path an answer took: which workers made it and what was done again on the way."""
+
+    prefill_worker_id: str  # "" when the decode worker prefilled the prompt itself
+    decode_worker_ids: tuple[str, ...]  # more than one after a resume
+    prefill_fallbacks: int
+    resumes: int
+    kv_recomputes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     text: str
     token_ids: tuple[int, ...]
@@ -52,6 +63,7 @@ class Chunk:
     prompt_tokens: int  # set on the last chunk
     completion_tokens: int  # set on the last chunk
     request_id: str
+    route: Route | None = None  # set on the last chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    route: Route | None = None
 
 
 def build_request(prompt: str | None = None, messages: list[dict[str, str]] | None = None,
@@ -79,15 +92,20 @@ def build_request(prompt: str | None = None, messages: list[dict[str, str]] | No
     return request
 
 
+def _route(pb: scheduler_pb2.Route) -> Route:
+    return Route(pb.prefill_worker_id, tuple(pb.decode_worker_ids), pb.prefill_fallbacks, pb.resumes,
+                 pb.kv_recomputes)
+
+
 def _chunk(pb: scheduler_pb2.GenerateResponse) -> Chunk:
     return Chunk(pb.text, tuple(pb.token_ids), pb.finish_reason, pb.usage.prompt_tokens,
-                 pb.usage.completion_tokens, pb.request_id)
+                 pb.usage.completion_tokens, pb.request_id, _route(pb.route) if pb.HasField("route") else None)
 
 
 def join(chunks: list[Chunk]) -> Completion:
     last = chunks[-1]
     return Completion("".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.request_id)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.request_id, last.route)
 
 
 @contextlib.contextmanager

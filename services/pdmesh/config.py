@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from pdmesh import faults
 from pdmesh.engine.engine_config import MAX_MODEL_LEN_OPTION, EngineConfig
 from pdmesh.errors import InvalidRequestError
 from pdmesh.option import group, option
@@ -126,6 +127,9 @@ class WorkerConfig:
         "prefill: free a prompt's KV nobody pulled after this many seconds", flag="held-kv-ttl"))
     prefill_timeout_s: float = field(default=30.0, metadata=option(
         "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
+    faults: str = field(default="", metadata=option(
+        "fault injection for tests and drills, e.g. kv_corrupt=0.5,kv_delay_ms=3000 (off unless set; "
+        "README, Failure handling)"))
     heartbeat_interval_s: float = 1.0  # until the scheduler says otherwise at registration
     security: Security = field(default_factory=Security, metadata=group())
     otlp_endpoint: str = field(default="", metadata=OTLP_OPTION)
@@ -145,6 +149,7 @@ class WorkerConfig:
                 raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}", name)
         if self.echo_step_ms < 0:
             raise InvalidRequestError(f"echo_step_ms must be >= 0, got {self.echo_step_ms}", "echo_step_ms")
+        faults.parse(self.faults)  # a bad spec stops the worker at start
 
 
 @dataclass(frozen=True, slots=True)

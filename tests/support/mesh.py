@@ -102,14 +102,16 @@ class Mesh:
         return alive(self.children)
 
 
-def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
-    """The HTTP API gets a free port of its own unless flags set --http-port."""
+def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Mesh:
+    """The HTTP API gets a free port of its own unless flags set --http-port. env: extra environment
+    for serve (and so its children), e.g. {"PDMESH_FAULTS": "kv_corrupt=1"}."""
     port = free_port()
     http_port = int(flags[flags.index("--http-port") + 1]) if "--http-port" in flags else free_port()
     http = [] if "--http-port" in flags else ["--http-port", str(http_port)]
     cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *http, *flags]
     log = open(log_path, "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable
 
 from pdmesh import metrics, tracing
-from pdmesh.errors import PdmeshError, ResourceExhaustedError, UnavailableError
+from pdmesh.errors import DeadlineError, PdmeshError, ResourceExhaustedError, UnavailableError
 from pdmesh.scheduler.admission_control import AdmissionControl
 from pdmesh.scheduler.generate_request import GenerateRequest
 from pdmesh.scheduler.request_spec import Caps, GenerationSpec, ModelInfo, build_spec
@@ -98,7 +98,7 @@ class FrontDoor:
         with tracing.span("tokenize"):
             spec = self.check(request)
         with tracing.span("admission", prompt_tokens=len(spec.prompt_ids), tenant=tenant.name):
-            assignment = await self.admission.admit(spec, tenant, timeout_s)
+            assignment = await self._admit(spec, tenant, timeout_s)
         run = RequestRun(spec, tenant, assignment, self.stream, arrived, timeout_s)
         self._started(spec)
         try:
@@ -115,6 +115,15 @@ class FrontDoor:
             run.close()
             self.admission.finish(tenant, spec.params.max_tokens - run.num_generated)
             self._finished(run.outcome)
+
+    async def _admit(self, spec: GenerationSpec, tenant: Tenant, timeout_s: float | None) -> Assignment:
+        """Wait in the admission queue; a cancel or deadline there is counted (nothing is held yet)."""
+        try:
+            return await self.admission.admit(spec, tenant, timeout_s)
+        except (asyncio.CancelledError, DeadlineError) as exc:
+            cause = "cancel" if isinstance(exc, asyncio.CancelledError) else "deadline"
+            metrics.ABANDONED.labels(phase="queued", cause=cause).inc()
+            raise
 
     def authenticate(self, credentials: Credentials) -> Tenant:
         """The caller's tenant, or UnauthenticatedError (counted)."""

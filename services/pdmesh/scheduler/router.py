@@ -80,6 +80,15 @@ class Router:
             raise UnavailableError("no healthy prefill worker is registered")
         return min(candidates, key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
 
+    def pick_prefill_for(self, num_prompt_tokens: int, local_threshold: int) -> WorkerInfo | None:
+        """The prefill worker for a prompt, or None: the decode worker prefills it itself (a prompt
+        under local_threshold, or no prefill worker routable now, e.g. while one restarts)."""
+        if num_prompt_tokens < local_threshold:
+            return None
+        try:
+            return self.pick_prefill()
+        except UnavailableError:
+            return None
 
     def prefill_fallbacks(self, chosen: WorkerInfo, limit: int = 2) -> list[str]:
         """Addresses of other routable prefill workers, least loaded first, to try if chosen fails."""

@@ -6,11 +6,13 @@ import time
 
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
+from pdmesh.scheduler.pairing import Pairing
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.front_door import Credentials, FrontDoor
 from pdmesh.scheduler.generate_request import ChatMessage, GenerateRequest
 from pdmesh.scheduler.request_spec import check_model, prompt_ids_from
-from pdmesh.scheduler.stream import Delta
+from pdmesh.scheduler.stream import Delta, Route
+from pdmesh.worker.convert import layout_from_pb
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -73,7 +75,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
                                load_from_pb(request.load), request.metrics_address,
-                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts)
+                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts,
+                               Pairing(request.model, request.engine or "pdmesh",
+                                       layout_from_pb(request.layout) if request.HasField("layout") else None))
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
@@ -104,6 +108,8 @@ def _response_to_pb(delta: Delta, request_id: str) -> scheduler_pb2.GenerateResp
     if delta.finish_reason:
         response.usage.prompt_tokens = delta.prompt_tokens
         response.usage.completion_tokens = delta.completion_tokens
+        if delta.route is not None:
+            response.route.CopyFrom(route_to_pb(delta.route))
     return response
 
 
@@ -112,3 +118,9 @@ def load_from_pb(pb) -> WorkerLoad:
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
                       block_size=pb.block_size or 16, state=pb.state or "serving",
                       requests_total=pb.requests_total)
+
+
+def route_to_pb(route: Route) -> scheduler_pb2.Route:
+    return scheduler_pb2.Route(prefill_worker_id=route.prefill_worker_id, decode_worker_ids=route.decode_worker_ids,
+                               prefill_fallbacks=route.prefill_fallbacks, resumes=route.resumes,
+                               kv_recomputes=route.kv_recomputes)

@@ -101,4 +101,5 @@ class WorkerState:
                                             model=self.engine.model_name, tp_size=self.config.tp,
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.layout),
-                                            metrics_address=self.metrics_address, restarts=self.config.restarts)
+                                            metrics_address=self.metrics_address, restarts=self.config.restarts,
+                                            engine=self.engine.kind)
