@@ -73,7 +73,7 @@ def exits(c: Cluster, name: str, phase: str, cause: str | None = None) -> float:
 
 
 def scheduler_metrics(c: Cluster) -> str:
-    port = re.search(r"\(metrics :(\d+)\)", (c.logs / "scheduler.log").read_text()).group(1)
+    port = re.findall(r"metrics :(\d+)\)", (c.logs / "scheduler.log").read_text())[-1]
     return f"127.0.0.1:{port}"
 
 

@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.rpc.channels import internal_channel
 from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.engine.engine_protocol import Engine
@@ -143,7 +143,8 @@ class DecodeStream:
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
                                         sampling=sampling_to_pb(request.params), output_offset=request.output_offset,
                                         layout=layout_to_pb(self.receiver.layout))
-        call = stub.Prefill(pb, timeout=timeout_s)  # open while the prefill worker holds the KV
+        # Open while the prefill worker holds the KV. A stream: the credential goes with the call.
+        call = stub.Prefill(pb, timeout=timeout_s, metadata=tracing.inject(self.clients.credentials.metadata()))
         try:
             result = await _first_result(call, address)
             info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds,
