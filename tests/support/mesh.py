@@ -65,6 +65,7 @@ class Mesh:
     log_path: Path
     children: set[int] = field(default_factory=set)  # serve's descendants when stop() began
     http_port: int = -1  # the OpenAI-compatible API's port (-1: off)
+    admin_key: str | None = None  # an admin tenant's key, for cluster status when tenants are on
 
     @property
     def http_url(self) -> str:
@@ -75,7 +76,7 @@ class Mesh:
         return PdmeshClient(self.address, **kwargs)
 
     def workers(self, role: str | None = None):
-        with self.client() as c:
+        with self.client(api_key=self.admin_key) as c:
             return [w for w in c.cluster_status().workers if role is None or w.role == role]
 
     def wait_all_blocks_free(self, timeout_s: float = 15.0) -> list:
