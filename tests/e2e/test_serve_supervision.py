@@ -59,9 +59,8 @@ def expected(reference_engine, prompts):
 
 def run_streams(mesh, prompts, disrupt, restarts: int) -> tuple[dict, dict, str, float]:
     """16 concurrent greedy streams; `disrupt()` runs while they do and returns (victim's id, when
-    it was killed); then, streams still running, the victim must be back after its `restarts`-th
-    restart within 60 s of the kill. Returns (outputs or errors, seconds each request took, the
-    victim, seconds from kill to back)."""
+    it was killed); the victim must then be back after its `restarts`-th restart. Returns (outputs
+    or errors, seconds each request took, the victim, seconds from kill to back)."""
     durations: dict[int, float] = {}
 
     def one(i):
