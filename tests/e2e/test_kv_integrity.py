@@ -39,6 +39,9 @@ def test_fault_is_caught_recomputed_and_counted(faulty_mesh, reference_engine):
     _, _, (name, labels) = FAULTS[fault]
     assert all(len(p) >= LOCAL_PREFILL_THRESHOLD for p in PROMPTS)
     [decode] = mesh.workers("decode")
+    if fault == "prefill_crash":  # the warm-up crashed it already: wait for the restart so a prompt reaches it
+        mesh.wait_workers(lambda ws: any(w.role == "prefill" and w.healthy and w.restarts >= 1 for w in ws),
+                          "the restarted prefill worker")
     before = metric(decode.metrics_address, name, **labels)
     with mesh.client(timeout_s=120) as client:
         for prompt in PROMPTS:

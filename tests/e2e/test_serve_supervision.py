@@ -96,7 +96,7 @@ def check(mesh, results, durations, expected, event, victim, back_s, handled: di
     assert not failed, failed
     assert results == expected  # token-exact after any recovery
     assert all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in idle), idle
-    assert all(w.healthy for w in idle) and len(idle) == 3
+    assert all(w.healthy for w in idle) and len(idle) == 3, [(w.worker_id, w.healthy, w.state) for w in idle]
 
 
 def busy_decode_worker(mesh) -> str:
@@ -119,6 +119,7 @@ def test_kill_decode_worker_mid_stream(mesh, prompts, expected):
 
 
 def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
+    wait_until(lambda: worker(mesh, "prefill-0").healthy, 60, "prefill-0 healthy")  # routed to, not skipped
     fallbacks_before = decode_fallbacks(mesh)
 
     def kill():

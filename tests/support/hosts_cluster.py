@@ -31,11 +31,11 @@ class HostsCluster(Cluster):
     def internal_address(self) -> str:
         return f"{self.network.address('scheduler')}:{self.internal_port}"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
         argv = [sys.executable, "-m", "pdmesh.cli", *args, *listen_flags(self.network.address(name))]
         proc = self.network.popen(name, argv, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PDMESH_CLUSTER_SECRET": CLUSTER_SECRET})
+                                  env={**os.environ, "PDMESH_CLUSTER_SECRET": CLUSTER_SECRET, **(env or {})})
         self.procs[name] = proc
         return proc
 

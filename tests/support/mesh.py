@@ -79,12 +79,24 @@ class Mesh:
         with self.client(api_key=self.admin_key) as c:
             return [w for w in c.cluster_status().workers if role is None or w.role == role]
 
-    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> list:
-        """Poll cluster status until every worker reports all KV blocks free; returns the workers."""
+    def wait_workers(self, predicate, what: str, timeout_s: float = 60.0) -> list:
+        """Poll cluster status until predicate(workers) holds; returns the workers."""
         deadline = time.monotonic() + timeout_s
         while True:
             workers = self.workers()
-            if all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in workers):
+            if predicate(workers):
+                return workers
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not seen in {timeout_s}s: {workers}")
+            time.sleep(0.2)
+
+    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> list:
+        """Poll cluster status until every worker is healthy, runs nothing and has all its KV blocks
+        free; returns the workers (as last seen, when timeout_s passes first)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.workers()
+            if all(w.healthy and w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in workers):
                 return workers
             if time.monotonic() > deadline:
                 return workers
