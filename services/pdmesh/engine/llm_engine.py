@@ -53,6 +53,7 @@ class LLMEngine:
         self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
                                dtype, kv_head_ids or tuple(range(model_config.num_kv_heads)),
                                device=self.device.type, device_id=device_uuid(self.device))
+        self.local_layout = self.layout  # this process's KV heads (a tensor-parallel group widens self.layout)
         num_blocks = self._num_blocks()
         self.cache = KVCache(self.layout, num_blocks, config.block_size, self.device)
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -82,7 +83,7 @@ class LLMEngine:
             lens.append(min(remaining, longest))
             remaining -= lens[-1]
         blocks = [-(-n // block_size) for n in lens]
-        cache = KVCache(self.layout, sum(blocks), block_size, self.device)
+        cache = KVCache(self.local_layout, sum(blocks), block_size, self.device)
         starts = [sum(blocks[:i]) for i in range(len(blocks))]
         prefill = [(list(range(start, start + nb)), n) for start, nb, n in zip(starts, blocks, lens)]
         batch = AttentionBatch.build(cache, prefill, [])
