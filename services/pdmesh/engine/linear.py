@@ -31,10 +31,7 @@ class FrozenLinear:
         self.packed = None
         if prepack and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) \
                 and _mkldnn_available():
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, _PACK_BATCH_HINT)
-            except RuntimeError:  # bf16 packing needs AVX-512 (or AVX-NE-CONVERT); plain matmul then
-                self.packed = None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, _PACK_BATCH_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.shape[0] >= _PACKED_MIN_ROWS and x.dim() == 2:
