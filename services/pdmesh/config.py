@@ -22,6 +22,7 @@ ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load test
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECRET_ENV = "PDMESH_CLUSTER_SECRET"
 MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+OTLP_OPTION = option("host:port of an OTLP/gRPC collector: export trace spans there (unset: tracing off)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ class WorkerConfig:
         "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
     heartbeat_interval_s: float = 1.0  # until the scheduler says otherwise at registration
     security: Security = field(default_factory=Security, metadata=group())
+    otlp_endpoint: str = field(default="", metadata=OTLP_OPTION)
     restarts: int = 0  # times a supervisor restarted this worker (reported in cluster status)
 
     def __post_init__(self):
@@ -174,6 +176,7 @@ class SchedulerConfig:
         "largest request message the client port accepts, bytes (larger: RESOURCE_EXHAUSTED)"))
     max_streams_per_connection: int = field(default=256, metadata=option(
         "concurrent calls one client connection may open (HTTP/2 max_concurrent_streams)"))
+    otlp_endpoint: str = field(default="", metadata=OTLP_OPTION)
     client_stall_timeout_s: float = field(default=30.0, metadata=option(
         "a client that reads nothing of its stream for this many seconds is cancelled (its KV freed)",
         flag="client-stall-timeout"))

@@ -10,6 +10,7 @@ Each child gets its config whole on stdin (`pdmesh.child`), with a cluster secre
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -57,19 +58,16 @@ def start_children(config: ServeConfig, supervisor: Supervisor, log_level: str) 
     for role in ("prefill", "decode"):
         for i in range(config.plan(role).workers):
             worker = config.worker_config(role, i)
-            env = {"OMP_WAIT_POLICY": "PASSIVE"} if role == "prefill" else {}
-            supervisor.add(worker.worker_id, lambda n, w=worker, e=env: spawn(
-                "worker", replace(w, restarts=n), log_level, env=_environ(e)))
+            supervisor.add(worker.worker_id, lambda n, w=worker: spawn(
+                "worker", replace(w, restarts=n), log_level, env=worker_environ(w.role)))
 
 
-def _environ(extra: dict[str, str]) -> dict[str, str]:
+def worker_environ(role: str) -> dict[str, str]:
     """Prefill workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE):
     on a shared machine their spinning took CPU from the decode steps running next to them."""
-    import os
-
     env = dict(os.environ)
-    for key, value in extra.items():
-        env.setdefault(key, value)
+    if role == "prefill":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

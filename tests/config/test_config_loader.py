@@ -38,7 +38,7 @@ def test_every_flag_has_help_and_shows_in_help_output(command):
 
 
 def test_readme_flag_tables_match_the_parser():
-    assert subprocess.run([sys.executable, str(ROOT / "tools" / "gen_flags_doc.py"), "--check"]).returncode == 0
+    assert subprocess.run([sys.executable, str(ROOT / "tools" / "gen_readme.py"), "--check"]).returncode == 0
 
 
 def test_serve_sets_what_any_worker_can():

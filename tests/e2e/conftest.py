@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from pdmesh.engine.checkpoint import load_checkpoint
@@ -87,4 +89,19 @@ def expected(tiny_model):
     while engine.has_work():
         for o in engine.step():
             out.setdefault(int(o.request_id), []).extend(o.token_ids)
+    assert_varied(out)
     return out
+
+
+def assert_varied(outputs: dict[int, list[int]]) -> None:
+    """"Token-identical" proves a resume exact only if a token off would change the output: so no
+    output may be one token over and over, and no two prompts may give the same output."""
+    distinct = {i: len(set(tokens)) for i, tokens in outputs.items()}
+    assert min(distinct.values()) >= NEW_TOKENS // 2, f"distinct tokens per output: {distinct}"
+    runs = {i: longest_run(tokens) for i, tokens in outputs.items()}
+    assert max(runs.values()) <= 4, f"longest run of one token per output: {runs}"
+    assert len({tuple(tokens) for tokens in outputs.values()}) == len(outputs), "two prompts gave one output"
+
+
+def longest_run(tokens: list[int]) -> int:
+    return max(len(list(group)) for _, group in itertools.groupby(tokens))

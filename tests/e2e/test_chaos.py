@@ -1,7 +1,9 @@
 """Chaos under load: kill -9, SIGSTOP, drain, rolling restarts, a scheduler restart and a KV layout
 mismatch, on a mesh of separate processes (2 prefill, 2 decode workers) with a tiny random Llama.
 What must hold: zero failed requests, greedy output identical to an undisturbed run, zero KV blocks
-held on live workers once idle, and the scheduler SERVING throughout."""
+held on live workers once idle, and the scheduler SERVING throughout. Each test also checks that its
+disruption was hit (a stream resumed, a prefill moved, a worker left routing) so none can pass with
+nothing disturbed, and records a row of the chaos table (tools/chaos_report.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import time
 import grpc
 import pytest
 
+from pdmesh.rpc import cluster_auth
 from pdmesh.rpc.reflection_client import ReflectionClient
-from support.cluster import (NEW_TOKENS, WORKER_FLAGS, Cluster, Load, prompts, scheduler_metric,
-                             wait_for_tokens)
+from support.chaos_log import record
+from support.cluster import (CLUSTER_SECRET, NEW_TOKENS, WORKER_FLAGS, Cluster, Load, chaos_counters, prompts, scheduler_metric,
+                             wait_for_tokens, worker_metric)
 
 
 @pytest.fixture
@@ -36,65 +40,103 @@ def test_kill_decode_worker_mid_stream(cluster, expected):
     cluster.kill(victim)
     cluster.wait_until(lambda: not next(w for w in cluster.workers() if w.worker_id == victim).healthy, 10)
     detected_s = time.monotonic() - killed_at
-    load.finish(expected)
+    row = load.finish(expected)
     assert detected_s < 5
-    assert scheduler_metric(cluster, "pdmesh_resumed_streams_total") >= 1
+    assert row["resumed"] >= 1
     cluster.wait_blocks_free()
+    record("kill -9 of a decode worker mid-stream", row)
 
 
 def test_kill_prefill_worker_with_requests_queued(cluster, expected):
+    # The router breaks a tie in the order cluster status lists workers, so on an idle mesh the
+    # first request goes to the first prefill worker listed. Frozen, it holds that prefill (and any
+    # later one) unanswered until the kill, so the kill always lands on a prefill in flight.
+    victim = next(w.worker_id for w in cluster.workers() if w.role == "prefill")
+    cluster.kill(victim, signal.SIGSTOP)
     load = Load(cluster).start()
-    time.sleep(0.2)  # requests are on their way to both prefill workers
-    cluster.kill("prefill-a")
-    load.finish(expected)
+    wait_for_tokens(cluster, "decode")  # later requests run: the first one has been sent to the victim
+    cluster.kill(victim)
+    row = load.finish(expected)
+    assert row["fallbacks"] >= 1  # a decode worker moved a prefill off the dead worker
     cluster.wait_blocks_free()
+    record("kill -9 of a prefill worker with requests queued", row)
 
 
 def test_sigstop_decode_worker_then_it_rejoins(cluster, expected):
     load = Load(cluster).start()
     victim = wait_for_tokens(cluster, "decode")
     cluster.kill(victim, signal.SIGSTOP)
-    load.finish(expected)
+    row = load.finish(expected)
+    assert row["resumed"] + row["retried"] >= 1  # its streams went elsewhere
+    assert row["slowest_s"] < 30  # keepalive fails a hung worker's streams in ~2 s, not gRPC's 60 s default
+    assert scheduler_metric(cluster, 'pdmesh_worker_state_changes_total{state="down"}') >= 1
+    woken_at = time.monotonic()
     cluster.kill(victim, signal.SIGCONT)
     cluster.wait_healthy({victim}, timeout_s=30)
+    rejoined_s = time.monotonic() - woken_at
+    assert scheduler_metric(cluster, 'pdmesh_worker_state_changes_total{state="up"}') >= 1
     cluster.wait_blocks_free()  # the hung worker's abandoned streams are freed once it wakes
+    record("SIGSTOP of a decode worker (recovery: SIGCONT to routed again)", row, rejoined_s)
 
 
 def test_rolling_restart_under_load_loses_nothing(cluster, expected):
-    load = Load(cluster, count=24).start()
+    load = Load(cluster, count=None).start()  # sends until finish(), however long the restarts take
+    names = {"prefill-a", "prefill-b", "decode-a", "decode-b"}
+    restart_s = []
     for role, name in (("prefill", "prefill-a"), ("decode", "decode-a"), ("prefill", "prefill-b"),
                        ("decode", "decode-b")):
+        # The drain has work to finish: a prefill worker has served, a decode worker is streaming.
+        cluster.wait_until(lambda: busy(worker(cluster, name)), 30, f"{name} busy")
+        drained_at = time.monotonic()
         cluster.kill(name, signal.SIGTERM)  # drain: finish what runs, take nothing new, exit
         assert cluster.procs[name].wait(60) == 0
         cluster.start_worker(role, name, *WORKER_FLAGS)
         cluster.wait_healthy({name})
-    load.finish(expected)
+        restart_s.append(time.monotonic() - drained_at)
+    cluster.wait_until(lambda: all(busy(worker(cluster, n)) for n in names), 30, "every new process busy")
+    row = load.finish(expected)
+    assert scheduler_metric(cluster, 'pdmesh_worker_state_changes_total{state="down"}') >= 4  # each drained one left
     cluster.wait_blocks_free()
+    record("rolling restart (SIGTERM + new process) of all 4 workers (recovery: mean per worker)", row,
+           sum(restart_s) / len(restart_s))
 
 
 def test_drain_rpc_stops_new_work_and_exits(cluster, expected):
     load = Load(cluster).start()
     victim = wait_for_tokens(cluster, "decode")
     address = next(w.address for w in cluster.workers() if w.worker_id == victim)
-    with ReflectionClient(address) as client:
+    with ReflectionClient(address, metadata=cluster_auth.metadata(CLUSTER_SECRET)) as client:
         [response] = list(client.call("pdmesh.v1.DecodeWorker/Drain", {}))
     assert int(response.get("running", 0)) >= 1
     assert cluster.procs[victim].wait(60) == 0
-    load.finish(expected)
+    row = load.finish(expected)
+    cluster.wait_blocks_free()
+    record("Drain RPC on a busy decode worker", row)
 
 
 def test_scheduler_restart(cluster, expected):
+    load = Load(cluster, count=8).start()
+    wait_for_tokens(cluster, "decode")  # streams hold KV blocks on the decode workers when it dies
     cluster.kill("scheduler")
     cluster.procs["scheduler"].wait()
+    cut = [r for r in load.wait().values() if isinstance(r, grpc.RpcError)]
+    assert cut and all(r.code() == grpc.StatusCode.UNAVAILABLE for r in cut), cut
     with cluster.client(retries=0, timeout_s=5) as c:
         with pytest.raises(grpc.RpcError) as err:
             c.generate(prompt_token_ids=[5, 6], max_tokens=2)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # an answer, not a hang
+    started_at = time.monotonic()
     cluster.start_scheduler("--local-prefill-threshold", "0")
     cluster.wait_healthy({"prefill-a", "prefill-b", "decode-a", "decode-b"}, timeout_s=30)  # re-registered
+    registered_s = time.monotonic() - started_at
+    cluster.wait_blocks_free()  # the streams the old scheduler left were freed
     with cluster.client() as c:
         done = c.generate(prompt_token_ids=prompts(24)[0], max_tokens=NEW_TOKENS, ignore_eos=True)
     assert list(done.token_ids) == expected[0]
+    cluster.wait_blocks_free()
+    record("kill -9 + restart of the scheduler with streams in flight (recovery: start to all re-registered)",
+           {"sent": load.count + 1, "failed": len(cut), "slowest_s": max(load.seconds.values()),
+            **chaos_counters(cluster)}, registered_s)
 
 
 def test_layout_mismatch_is_refused_and_requests_fall_back(cluster, expected):
@@ -105,7 +147,7 @@ def test_layout_mismatch_is_refused_and_requests_fall_back(cluster, expected):
     cluster.wait_until(lambda: {w.worker_id for w in cluster.workers() if w.role == "prefill" and w.healthy}
                        == {"prefill-bf16"}, 30)
     address = next(w.address for w in cluster.workers() if w.worker_id == "prefill-bf16")
-    with ReflectionClient(address) as client:
+    with ReflectionClient(address, metadata=cluster_auth.metadata(CLUSTER_SECRET)) as client:
         with pytest.raises(grpc.RpcError) as err:
             list(client.call("pdmesh.v1.PrefillWorker/Prefill", {
                 "request_id": "x", "prompt_token_ids": [5, 6], "sampling": {"max_tokens": 1},
@@ -116,4 +158,15 @@ def test_layout_mismatch_is_refused_and_requests_fall_back(cluster, expected):
     with cluster.client() as c:  # the decode worker prefills locally instead
         done = c.generate(prompt_token_ids=prompts(24)[3], max_tokens=NEW_TOKENS, ignore_eos=True)
     assert list(done.token_ids) == expected[3]
+    assert worker_metric(cluster, "decode", 'pdmesh_prefill_fallbacks_total{target="local"}') >= 1
     cluster.wait_blocks_free()
+    record("prefill worker with a mismatched KV layout", {"sent": 1, "failed": 0, **chaos_counters(cluster)})
+
+
+def worker(cluster: Cluster, worker_id: str):
+    """The worker's entry in cluster status."""
+    return next(w for w in cluster.workers() if w.worker_id == worker_id)
+
+
+def busy(status) -> bool:
+    return status.requests_total > 0 and (status.role == "prefill" or status.running > 0)

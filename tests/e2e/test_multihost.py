@@ -23,7 +23,7 @@ from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
-from support.cluster import NEW_TOKENS, WORKER_FLAGS, Load, metric, prompts, scheduler_metric, wait_for_tokens
+from support.cluster import NEW_TOKENS, WORKER_FLAGS, Load, prompts, read_metric, scheduler_metric, wait_for_tokens
 from support.hosts_cluster import HostsCluster
 from support.netns import Network, unavailable_reason
 
@@ -123,7 +123,7 @@ def host_of(address: str) -> str:
 
 def worker_metric(mesh: HostsCluster, role: str, name: str) -> dict[str, float]:
     """name's value on every worker of role, by worker id."""
-    return {w.worker_id: metric(w.metrics_address, name) for w in mesh.workers() if w.role == role}
+    return {w.worker_id: read_metric(w.metrics_address, name) for w in mesh.workers() if w.role == role}
 
 
 def is_down(mesh: HostsCluster, worker_id: str) -> bool:

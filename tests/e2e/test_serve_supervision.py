@@ -17,7 +17,9 @@ import pytest
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
 from support.mesh import start_mesh
-from support.serve_chaos import metric, record_row, scheduler_metrics_address, wait_back, wait_until, worker
+from support.chaos_log import record
+from support.cluster import read_metric as metric
+from support.serve_chaos import scheduler_metrics_address, wait_back, wait_until, worker
 
 STREAMS, NEW_TOKENS = 16, 40
 TOPICS = ["the sea", "a mountain", "coffee", "trains", "the moon", "autumn", "a city at night", "bees",
@@ -55,32 +57,37 @@ def expected(reference_engine, prompts):
     return out
 
 
-def run_streams(mesh, prompts, disrupt) -> tuple[dict, tuple[str, float]]:
+def run_streams(mesh, prompts, disrupt) -> tuple[dict, dict, tuple[str, float]]:
     """16 concurrent greedy streams; `disrupt()` runs while they do and returns (victim's id, when
-    it was killed)."""
+    it was killed). Returns (outputs or errors, seconds each request took, what disrupt returned)."""
+    durations: dict[int, float] = {}
+
     def one(i):
+        start = time.monotonic()
         with mesh.client(timeout_s=300, retries=0) as c:
             try:
                 return list(c.generate(prompt_token_ids=prompts[i], max_tokens=NEW_TOKENS, ignore_eos=True).token_ids)
             except grpc.RpcError as exc:
                 return exc
+            finally:
+                durations[i] = time.monotonic() - start
     with ThreadPoolExecutor(STREAMS) as pool:
         futures = [pool.submit(one, i) for i in range(STREAMS)]
         victim = disrupt()
-        return {i: f.result() for i, f in enumerate(futures)}, victim
+        return {i: f.result() for i, f in enumerate(futures)}, durations, victim
 
 
 def decode_fallbacks(mesh) -> float:
     return sum(metric(w.metrics_address, "pdmesh_prefill_fallbacks_total") for w in mesh.workers("decode"))
 
 
-def check(mesh, results, expected, event, victim, restarts, handled: dict):
+def check(mesh, results, durations, expected, event, victim, restarts, handled: dict):
     (victim, killed_at) = victim
     failed = {i: (r.code().name, r.details()) for i, r in results.items() if isinstance(r, grpc.RpcError)}
     back_s = wait_back(mesh, victim, restarts, killed_at)
     idle = mesh.wait_all_blocks_free(30)
-    record_row({"event": event, "sent": len(results), "failed": len(failed), **handled,
-                "restarts": worker(mesh, victim).restarts, "back_s": round(back_s, 1)})
+    record(event, {"sent": len(results), "failed": len(failed), "slowest_s": round(max(durations.values()), 2),
+                   **handled, "restarts": worker(mesh, victim).restarts}, round(back_s, 2))
     assert not failed, failed
     assert results == expected  # token-exact after any recovery
     assert all(w.kv_blocks_free == w.kv_blocks_total and w.running == 0 for w in idle), idle
@@ -100,10 +107,10 @@ def test_kill_decode_worker_mid_stream(mesh, prompts, expected):
         time.sleep(0.5)  # tokens are flowing
         os.kill(worker(mesh, victim).ranks[0].pid, signal.SIGKILL)
         return victim, time.monotonic()
-    results, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim = run_streams(mesh, prompts, kill)
     resumed = metric(scheduler_metrics_address(mesh), "pdmesh_resumed_streams_total") - resumed_before
     assert resumed >= 1  # streams moved to the other decode worker after tokens were sent
-    check(mesh, results, expected, "kill -9 decode worker mid-stream", victim, 1, {"resumed": resumed})
+    check(mesh, results, durations, expected, "kill -9 decode worker mid-stream", victim, 1, {"resumed": resumed})
 
 
 def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
@@ -113,10 +120,10 @@ def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(worker(mesh, "prefill-0").ranks[0].pid, signal.SIGKILL)
         return "prefill-0", time.monotonic()
-    results, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim = run_streams(mesh, prompts, kill)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1  # prompts in flight were prefilled elsewhere (locally: it was the only one)
-    check(mesh, results, expected, "kill -9 prefill worker (TP=3 rank 0)", victim, 1, {"prefill_fallbacks": fallbacks})
+    check(mesh, results, durations, expected, "kill -9 prefill worker (TP=3 rank 0)", victim, 1, {"fallbacks": fallbacks})
 
 
 def test_kill_tensor_parallel_follower_rank(mesh, prompts, expected):
@@ -129,11 +136,11 @@ def test_kill_tensor_parallel_follower_rank(mesh, prompts, expected):
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(next(r.pid for r in group.ranks if r.rank == 2), signal.SIGKILL)
         return "prefill-0", time.monotonic()
-    results, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim = run_streams(mesh, prompts, kill)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1
-    check(mesh, results, expected, "kill -9 TP follower rank 2 of prefill-0", victim, restarts + 1,
-          {"prefill_fallbacks": fallbacks})
+    check(mesh, results, durations, expected, "kill -9 TP follower rank 2 of prefill-0", victim, restarts + 1,
+          {"fallbacks": fallbacks})
     new_ranks = worker(mesh, "prefill-0").ranks
     assert len(new_ranks) == 3 and not {r.pid for r in new_ranks} & {r.pid for r in group.ranks}
 

@@ -10,4 +10,4 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_series_table_matches_the_catalog():
-    assert subprocess.run([sys.executable, str(ROOT / "tools" / "gen_series_doc.py"), "--check"]).returncode == 0
+    assert subprocess.run([sys.executable, str(ROOT / "tools" / "gen_readme.py"), "--check"]).returncode == 0

@@ -3,21 +3,10 @@ metrics port from serve's log, killing one child of the supervised mesh, chaos t
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
-import urllib.request
-from pathlib import Path
 
 from support.mesh import Mesh
-
-
-def metric(address: str, name: str) -> float:
-    """Sum of every sample of `name` (all label sets) at http://address/metrics."""
-    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in body.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 def scheduler_metrics_address(mesh: Mesh) -> str:
@@ -49,11 +38,3 @@ def wait_back(mesh: Mesh, worker_id: str, restarts: int, killed_at: float, timeo
     wait_until(lambda: (w := worker(mesh, worker_id)).healthy and w.restarts >= restarts,
                killed_at + timeout_s - time.monotonic(), f"{worker_id} back after restart {restarts}")
     return time.monotonic() - killed_at
-
-
-def record_row(row: dict) -> None:
-    """Append one chaos-table row to $PDMESH_CHAOS_REPORT (JSON lines) when it is set."""
-    path = os.environ.get("PDMESH_CHAOS_REPORT")
-    if path:
-        with Path(path).open("a") as f:
-            f.write(json.dumps(row) + "\n")

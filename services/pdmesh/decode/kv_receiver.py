@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.engine.kv_cache import KVLayout, torch_dtype
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from pdmesh.kvtransfer.channel import RECEIVER_RANK, KVChannel, TransferError, serve_store
@@ -44,6 +44,14 @@ class KVReceiver:
     async def pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
                    num_tokens: int) -> tuple[torch.Tensor, int, float]:
         """Receive a prefilled prompt's KV: ([layers, 2, tokens, kv heads, D], bytes, seconds)."""
+        with tracing.span("kv_handoff", request_id=request_id, prefill_worker=address) as span:
+            kv, nbytes, seconds = await self._pull(stub, address, request_id, num_tokens)
+            if span is not None:
+                span.set_attributes({"bytes": nbytes, "seconds": seconds})
+        return kv, nbytes, seconds
+
+    async def _pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
+                    num_tokens: int) -> tuple[torch.Tensor, int, float]:
         link = await self._link(stub, address)
         shape = (self.layout.num_layers, 2, num_tokens, len(self.layout.kv_head_ids), self.layout.head_dim)
         async with link.lock:

@@ -21,6 +21,12 @@ def _mkldnn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _packable(dtype: torch.dtype) -> bool:
+    # oneDNN's bf16 kernels need AVX-512 (or AVX-NE-CONVERT); on a plain AVX2 CPU the reorder
+    # raises, so bf16 weights there stay plain.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class FrozenLinear:
     """y = x @ weight.T (+ bias) for inference; weight: [out_features, in_features]."""
 
@@ -29,8 +35,7 @@ class FrozenLinear:
         self.bias = None if bias is None else bias.contiguous()
         self.out_features, self.in_features = weight.shape
         self.packed = None
-        if prepack and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) \
-                and _mkldnn_available():
+        if prepack and weight.device.type == "cpu" and _mkldnn_available() and _packable(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, _PACK_BATCH_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

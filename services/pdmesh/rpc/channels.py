@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grpc
 
+from pdmesh import tracing
 from pdmesh.rpc.cluster_auth import TLS_NAME, ClusterCredentials
 
 KEEPALIVE_TIME_MS = 1000
@@ -18,6 +19,9 @@ KEEPALIVE_TIMEOUT_MS = 1000
 CLIENT_OPTIONS = (
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core (1.85 here) times out a keepalive ping by this one, default 60 s, whatever
+    # keepalive_timeout_ms says: without it a SIGSTOPped worker held its streams for a minute.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
@@ -36,7 +40,7 @@ def internal_channel(address: str, credentials: ClusterCredentials) -> grpc.aio.
     its certificate under mutual TLS, else the cluster secret on every unary call. Streaming calls
     pass `credentials.metadata()` themselves: an aio interceptor on a stream proxies every message
     through an extra layer, and the token stream is the hot path."""
-    interceptors = [_Metadata(credentials.metadata())] if credentials.secret else []
+    interceptors = [_Metadata(credentials.metadata())] if credentials.secret or tracing.enabled() else []
     tls = credentials.channel_credentials()
     if tls is None:
         return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS, interceptors=interceptors)
@@ -51,7 +55,7 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
         self.extra = extra
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.extra)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *tracing.inject(self.extra))
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh import tracing
 from pdmesh.rpc.channels import SERVER_OPTIONS
 from pdmesh.rpc.errors import ErrorInterceptor
 from pdmesh.rpc.signals import wait_for_stop_signal
@@ -108,8 +109,9 @@ def build_server(
     `credentials` the port speaks TLS.
     """
     merged = {**dict(DEFAULT_OPTIONS), **dict(options)}
+    tracing_interceptors = [tracing.TracingInterceptor()] if tracing.enabled() else []
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors], options=list(merged.items())
+        interceptors=[ErrorInterceptor(), *tracing_interceptors, *interceptors], options=list(merged.items())
     )
     specs = [ServiceSpec(*spec) for spec in services]
     for spec in specs:

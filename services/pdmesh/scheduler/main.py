@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.config import SchedulerConfig
 from pdmesh.engine.checkpoint import load_model_metadata
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -58,6 +58,7 @@ def client_port_credentials(config: SchedulerConfig) -> grpc.ServerCredentials |
 
 async def run_scheduler(config: SchedulerConfig) -> None:
     config.security.require()
+    tracing.setup("pdmesh-scheduler", config.otlp_endpoint)
     credentials = ClusterCredentials(config.security.cluster_secret, config.security.tls_dir, "scheduler")
     model = load_model_info(config)
     caps = Caps.resolve(model.max_model_len, config.max_prompt_tokens, config.max_output_tokens,
@@ -108,6 +109,7 @@ async def run_scheduler(config: SchedulerConfig) -> None:
     probing.cancel()
     await server.stop(grace=30.0)
     await internal.stop(grace=1.0)
+    tracing.shutdown()
 
 
 async def _watch_health(refresh) -> None:

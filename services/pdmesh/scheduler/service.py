@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.errors import PdmeshError, ResourceExhaustedError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
@@ -39,11 +39,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise UnavailableError("the scheduler is shutting down")
         tenant = self.admission.authenticate(*_credentials(context))
         try:
-            spec = build_spec(request, self.model, self.caps)
+            with tracing.span("tokenize"):
+                spec = build_spec(request, self.model, self.caps)
         except PdmeshError:
             metrics.REJECTIONS.labels(reason="invalid").inc()
             raise
-        assignment = await self.admission.admit(spec, tenant, context.time_remaining())
+        with tracing.span("admission", prompt_tokens=len(spec.prompt_ids), tenant=tenant.name):
+            assignment = await self.admission.admit(spec, tenant, context.time_remaining())
         self.running += 1
         metrics.RUNNING.set(self.running)
         metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))

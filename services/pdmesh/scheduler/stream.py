@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.engine.detokenizer import IncrementalDetokenizer
 from pdmesh.errors import (DeadlineError, InvalidRequestError, PdmeshError, ResourceExhaustedError,
                            UnavailableError)
@@ -110,7 +110,8 @@ class MeshStream:
             request.prefill_address = assignment.prefill.address
             request.fallback_prefill_addresses.extend(self.router.prefill_fallbacks(assignment.prefill))
         call = self.clients.decode(assignment.decode.address).Generate(request, timeout=_left(deadline),
-                                                                       metadata=self.clients.credentials.metadata())
+                                                                       metadata=tracing.inject(
+                                                                           self.clients.credentials.metadata()))
         started = False
         try:
             async for chunk in call:

@@ -1,9 +1,10 @@
-"""Write every command's flags into README.md from the parser itself (one source for the docs).
+"""Write README.md's generated blocks from the code itself (one source for the docs):
+every command's flags (from the parser) and the metrics exporter's series (from its catalog).
 
-    python tools/gen_flags_doc.py            # rewrite the block between the markers in README.md
-    python tools/gen_flags_doc.py --check    # exit 1 if README.md's block differs from the parser
+    python tools/gen_readme.py            # rewrite each block between its markers in README.md
+    python tools/gen_readme.py --check    # exit 1 if any block differs from the code
 
-The block sits between `<!-- flags:begin -->` and `<!-- flags:end -->`; the test suite runs --check.
+Blocks sit between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; the test suite runs --check.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pdmesh.cli import COMMANDS, command_flags
+from pdmesh.exporter.series import CATALOG
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- flags:begin -->", "<!-- flags:end -->"
 
 
 def flags_markdown() -> str:
@@ -33,10 +35,24 @@ def flags_markdown() -> str:
     return "\n".join(lines)
 
 
+def series_markdown() -> str:
+    lines = ["| series | type | labels | meaning | vLLM series of the same meaning |", "|---|---|---|---|---|"]
+    for spec in CATALOG:
+        labels = ", ".join(spec.labels) or "-"
+        lines.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help} | {spec.vllm or '-'} |")
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[], str]] = {"flags": flags_markdown, "series": series_markdown}
+
+
 def render(readme: str) -> str:
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{flags_markdown()}\n{END}{tail}"
+    for name, make in BLOCKS.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        head, rest = readme.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return readme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = render(current)
     if args.check:
         if wanted != current:
-            print("README.md's flag tables differ from the parser: run python tools/gen_flags_doc.py",
-                  file=sys.stderr)
+            print("README.md's generated blocks differ from the code: run python tools/gen_readme.py", file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted)
