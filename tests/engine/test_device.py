@@ -56,8 +56,8 @@ def test_rank_devices_follow_the_base():
 
 
 def test_auto_dtype_is_bfloat16_on_cuda_only():
-    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
-    assert resolve_dtype("auto", torch.device("cuda", 0)) == "bfloat16"
+    assert resolve_dtype("", torch.device("cpu")) == "float32"
+    assert resolve_dtype("", torch.device("cuda", 0)) == "bfloat16"
     assert resolve_dtype("float32", torch.device("cuda", 0)) == "float32"
     assert memory_used_bytes(torch.device("cpu")) == 0
 

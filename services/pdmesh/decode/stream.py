@@ -24,7 +24,7 @@ from pdmesh.errors import DeadlineError, EngineError
 from pdmesh.gen.pdmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.kvtransfer.channel import TransferError
-from pdmesh.worker.convert import layout_to_pb, sampling_to_pb
+from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class DecodeStream:
             return request, info, chunk
         try:
             kv, info.handoff_bytes, info.handoff_seconds = await self.receiver.pull(
-                stub, address, request.request_id, result.num_tokens)
+                stub, address, request.request_id, result.num_tokens, layout_from_pb(result.layout))
         except BaseException:
             await self._release_remote(stub, request.request_id)
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdmesh.engine.engine_config import AUTO_DEVICE, check_device_name
+from pdmesh.engine.engine_config import AUTO_DEVICE, AUTO_DTYPE, check_device_name
 from pdmesh.errors import InvalidRequestError
 
 KINDS = ("cpu", "cuda")  # device kinds this engine runs on and moves KV between
@@ -50,8 +50,8 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """`--dtype auto`: bfloat16 on CUDA, float32 (the token-exact mode) on CPU."""
-    if name != "auto":
+    """--dtype unset: bfloat16 on CUDA, float32 (the token-exact mode) on CPU."""
+    if name != AUTO_DTYPE:
         return name
     return "bfloat16" if device.type == "cuda" else "float32"
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pdmesh.errors import InvalidRequestError
 from pdmesh.option import option
 
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")
+AUTO_DTYPE = ""  # --dtype unset: bfloat16 on CUDA, float32 on CPU (pdmesh.engine.device)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 AUTO_DEVICE = ""  # --device unset: cuda when CUDA is available, else cpu (pdmesh.engine.device)
 _DEVICE_FORM = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -25,15 +26,15 @@ class EngineConfig:
         "memory for KV blocks, GiB (0: 1 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)"))
     max_num_seqs: int = field(default=64, metadata=option("sequences in a running batch"))
     max_num_batched_tokens: int = field(default=4096, metadata=option("prompt tokens prefilled in one step"))
-    dtype: str = field(default="auto", metadata=option(
-        "weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU; float32 is the token-exact mode)",
+    dtype: str = field(default=AUTO_DTYPE, metadata=option(
+        "weights and KV dtype (unset: bfloat16 on CUDA, float32 on CPU; float32 is the token-exact mode)",
         choices=DTYPES))
     device: str = field(default=AUTO_DEVICE, metadata=option(
         "cpu, cuda or cuda:N (default: cuda when CUDA is available, else cpu); tensor-parallel rank i "
         "takes cuda:N+i"))
     gpu_memory_utilization: float = field(default=0.9, metadata=option(
         "fraction of the GPU's memory this worker may use; the KV pool gets what is left after the "
-        "weights and a measured activation peak (CUDA only)"))
+        "weights and a measured activation peak (CUDA only; pdmesh serve splits it among its workers)"))
     attention_backend: str = field(default="auto", metadata=option(
         "decode attention over the paged KV: sdpa gathers each context, flex reads blocks in place "
         "(auto: flex on CUDA when it compiles, else sdpa)", choices=ATTENTION_BACKENDS))
@@ -45,7 +46,7 @@ class EngineConfig:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.kv_cache_gib < 0:
             raise InvalidRequestError(f"kv_cache_gib must be >= 0, got {self.kv_cache_gib}", "kv_cache_gib")
-        if self.dtype not in DTYPES:
+        if self.dtype not in (AUTO_DTYPE, *DTYPES):
             raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}", "dtype")
         check_device_name(self.device)
         if not 0 < self.gpu_memory_utilization <= 1:

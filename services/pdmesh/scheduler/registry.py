@@ -28,6 +28,7 @@ class WorkerLoad:
     block_size: int = 16
     state: str = "serving"
     requests_total: int = 0
+    gpu_memory_used_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -39,6 +40,7 @@ class WorkerInfo:
     metrics_address: str = ""
     ranks: list = field(default_factory=list)  # (rank, pid, kv head ids) of its TP group
     restarts: int = 0  # times its supervisor restarted it
+    device: str = "cpu"  # its engine's device (rank 0's): "cpu" or "cuda:N"
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -61,7 +63,8 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerInfo] = {}
 
     def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
-                 metrics_address: str = "", ranks: list | None = None, restarts: int = 0) -> WorkerInfo:
+                 metrics_address: str = "", ranks: list | None = None, restarts: int = 0,
+                 device: str = "cpu") -> WorkerInfo:
         if role not in ("prefill", "decode"):
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
         if not worker_id or not address:
@@ -75,7 +78,7 @@ class WorkerRegistry:
         # Updated in place: requests in flight hold this object and settle against it.
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
         info.ranks = list(ranks or [])
-        info.restarts = restarts
+        info.restarts, info.device = restarts, device
         info.breaker = CircuitBreaker()  # a (re)started worker starts trusted
         self._report(info, load)
         return info

@@ -48,14 +48,15 @@ def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
                              on_close=group.stop)
     elif config.engine_kind == "echo":
         model_config = echo_config(checkpoint.config)
-        engine = AsyncEngine(LLMEngine(model_config, {}, config.engine,
+        engine = AsyncEngine(LLMEngine(model_config, {}, replace(config.engine, device="cpu"),  # no model: no GPU
                                        model=EchoModel(model_config, config.echo_step_ms / 1000)),
                              own_thread=False, kind="echo")
     else:
         engine = AsyncEngine(LLMEngine(checkpoint.config, checkpoint.weights, config.engine), own_thread=False)
     load = engine.load()
-    log.info("%s worker: %s (%s engine), %d KV blocks of %d tokens, %d threads, nice %d", config.role,
-             engine.model_name, engine.kind, load.total_blocks, load.block_size, torch.get_num_threads(), os.nice(0))
+    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
+             engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,
+             torch.get_num_threads(), os.nice(0))
     return engine
 
 
@@ -89,7 +90,8 @@ class WorkerState:
                                      queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
                                      kv_blocks_total=load.total_blocks, block_size=load.block_size,
                                      state="draining" if self.draining else "serving",
-                                     requests_total=self.requests_total)
+                                     requests_total=self.requests_total,
+                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
         pids = [os.getpid(), *self.engine.follower_pids]
@@ -101,4 +103,5 @@ class WorkerState:
                                             model=self.engine.model_name, tp_size=self.config.tp,
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.layout),
-                                            metrics_address=self.metrics_address, restarts=self.config.restarts)
+                                            metrics_address=self.metrics_address, restarts=self.config.restarts,
+                                            device=str(self.engine.device))
