@@ -31,4 +31,5 @@ def check_transport(sender: str, receiver: str) -> None:
     """Both ends derived the backend on their own; a disagreement is an error now, not a hang
     (an NCCL end and a Gloo end would wait for each other until the deadline)."""
     if sender and sender != receiver:
-        raise LayoutMismatchError(f"KV transport mismatch: the sender joins over {sender}, the receiver over {receiver}")
+        raise LayoutMismatchError(
+            f"KV transport mismatch: the sender joins over {sender}, the receiver over {receiver}")
