@@ -14,9 +14,12 @@ pool size, never per step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Q_BLOCK = 128  # FlexAttention's default query tile; a decode query is one row of it
+MAX_KV_TILE = 64
 
 
 def flex_available() -> bool:
@@ -53,6 +56,9 @@ class FlexDecode:
         self.block_pos = torch.zeros(num_blocks, **i32)  # index of the block in its sequence
         self.lens = torch.zeros(max_rows, **i32)  # context length of each row
         self._flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+        # The kernel's KV tile must divide the mask's block (one KV block, 16 slots by default);
+        # its own configs start at 32-128 and would all be refused.
+        self._kernel_options = {"BLOCK_N": math.gcd(block_size, MAX_KV_TILE)}
         owner, block_pos, lens = self.owner, self.block_pos, self.lens
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -94,5 +100,6 @@ class FlexDecode:
         rows = q.new_zeros(self.rows, h, 1, d)
         rows[:b, :, 0] = q
         k, v = (kv_layer[i].permute(1, 0, 2).unsqueeze(0) for i in (0, 1))  # [1, KVH, slots, D], no copy
-        out = self._flex(rows, k, v, block_mask=mask, enable_gqa=True)  # [rows, H, 1, D]
+        out = self._flex(rows, k, v, block_mask=mask, enable_gqa=True,
+                         kernel_options=self._kernel_options)  # [rows, H, 1, D]
         return out[:b, :, 0].reshape(b, h * d)

@@ -69,7 +69,7 @@ def start_tp_group(config: WorkerConfig, checkpoint: Checkpoint, log_level: str)
     group = TPGroup(store, 0, size, JOIN_TIMEOUT_S, host, device=device)
     group.timeout = type(group.timeout)(seconds=OP_TIMEOUT_S)
     group.store = store  # the store must outlive the group
-    model = rank_model(config, checkpoint, 0, device, group)
+    model = rank_model(config, checkpoint, rank_weights(config, checkpoint, 0, device), device, group)
     driver = TPDriver(model, group, on_broken=lambda exc: _die(exc, followers))
     engine = LLMEngine(checkpoint.config, {}, config.engine, kv_head_ids=kv_heads_of(checkpoint.config, 0, size),
                        model=driver)
@@ -78,10 +78,14 @@ def start_tp_group(config: WorkerConfig, checkpoint: Checkpoint, log_level: str)
     return TPWorkerGroup(engine, driver, followers)
 
 
-def rank_model(config: WorkerConfig, checkpoint: Checkpoint, rank: int, device, group: TPGroup) -> LlamaModel:
-    """Rank `rank`'s shard of the model, on its device, all-reducing through `group`."""
+def rank_weights(config: WorkerConfig, checkpoint: Checkpoint, rank: int, device) -> dict:
+    """Rank `rank`'s shard of every weight, in the engine's dtype on the rank's device."""
     weights = shard_weights(checkpoint.weights, checkpoint.config, rank, config.tp)
-    weights = place_weights(weights, resolve_dtype(config.engine.dtype, device), device)
+    return place_weights(weights, resolve_dtype(config.engine.dtype, device), device)
+
+
+def rank_model(config: WorkerConfig, checkpoint: Checkpoint, weights: dict, device, group: TPGroup) -> LlamaModel:
+    """A rank's model over its placed shard (rank_weights), all-reducing through `group`."""
     max_len = min(config.engine.max_model_len or checkpoint.config.max_position_embeddings,
                   checkpoint.config.max_position_embeddings)
     return LlamaModel(checkpoint.config, weights, max_len, group.all_reduce,
