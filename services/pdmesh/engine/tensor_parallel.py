@@ -92,14 +92,20 @@ class TPGroup:
         except Exception as exc:
             raise TPGroupError(f"tensor-parallel group of {size}: rank {rank} could not join: {exc}") from exc
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, work, what: str, data: bool = False) -> None:
+        """data: `work` is on the tensor group."""
         try:
-            work.wait(self.timeout)
+            if data and self.data is not self.pg:
+                # NCCL: order the streams only; a wait with a timeout would block the host on
+                # every all-reduce. NCCL's watchdog ends a group that passes the timeout.
+                work.wait()
+            else:
+                work.wait(self.timeout)
         except Exception as exc:
             raise TPGroupError(f"tensor-parallel {what} failed on rank {self.rank}: {exc}") from exc
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._wait(self.data.allreduce([tensor]), "all-reduce")
+        self._wait(self.data.allreduce([tensor]), "all-reduce", data=True)
         return tensor
 
     def broadcast_object(self, obj=None):
@@ -117,10 +123,10 @@ class TPGroup:
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
         tensor = tensor.to(self.device).contiguous()
-        self._wait(self.data.send([tensor], dst, tag), f"send to rank {dst}")
+        self._wait(self.data.send([tensor], dst, tag), f"send to rank {dst}", data=True)
 
     def recv(self, shape, dtype: torch.dtype, src: int, tag: int = 0) -> torch.Tensor:
         """A tensor from rank src, on this rank's device."""
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(self.data.recv([tensor], src, tag), f"receive from rank {src}")
+        self._wait(self.data.recv([tensor], src, tag), f"receive from rank {src}", data=True)
         return tensor
