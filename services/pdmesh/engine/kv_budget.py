@@ -4,7 +4,8 @@ On CPU: `--kv-cache-gib` (1 GiB when 0). On CUDA, as vLLM does: the worker may u
 `--gpu-memory-utilization` of the device's memory; the weights are loaded, one forward pass of
 the largest step the scheduler can form (`--max-num-batched-tokens`) measures the activation
 peak, and what is left of the worker's share becomes KV blocks. An explicit `--kv-cache-gib`
-wins on CUDA too.
+wins on CUDA too. Memory outside torch's allocator (the CUDA context, NCCL buffers, ~0.5-1 GiB)
+is not counted in the share; the pool must also fit what the device has free.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def kv_pool_bytes(memory: DeviceMemory, utilization: float) -> int:
 def measure(device: torch.device) -> DeviceMemory:
     """The device's memory now (call after the profile step); CUDA only."""
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # the profile step's activations, cached by the allocator, count as free
     free, total = torch.cuda.mem_get_info(device)
     return DeviceMemory(total=total, free=free, peak_allocated=torch.cuda.max_memory_allocated(device))
 
