@@ -13,6 +13,7 @@ from pdmesh import metrics
 from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.device import resolve_device
 from pdmesh.engine.echo_model import EchoModel, echo_config
 from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.llm_engine import LLMEngine
@@ -38,6 +39,8 @@ def group_threads(config: WorkerConfig) -> CpuPlacement:
 
 def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
     """The worker's engine, behind the worker interface; the worker steps it on its main thread."""
+    if config.engine_kind == "pdmesh":
+        resolve_device(config.engine.device, num_ranks=config.tp)  # --device cuda without CUDA: stop now
     apply_cpu_placement(group_threads(config))
     checkpoint = load_checkpoint(config.model, log=log.info)
     if config.tp > 1:
