@@ -5,16 +5,34 @@ session and shared by every test file that asks for it.
 
 Tests marked `gpu` run where CUDA is available and are skipped elsewhere ("CUDA is not
 available"); PDMESH_GPU_TEST_DEVICE=cpu runs them on the CPU instead, to check the tests
-themselves on a machine without a GPU.
+themselves on a machine without a GPU. Every other test is the CPU suite wherever it runs: an
+unset --device means cpu in it (in this process and in the services it starts), where a GPU
+machine would otherwise move its engines to CUDA in bfloat16. GPU tests name their device.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from support.gpu import GPU_TEST_DEVICE, NO_CUDA
+
+
+def pytest_configure(config):
+    os.environ.setdefault("PDMESH_DEVICE", "cpu")  # services started by tests (flags win over it)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_unless_named():
+    import torch
+
+    from pdmesh.engine import device
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(device, "auto_device", lambda: torch.device("cpu"))
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

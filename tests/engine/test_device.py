@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmesh.engine.device import memory_used_bytes, rank_device, resolve_device, resolve_dtype
+from pdmesh.engine import device as device_module
+from pdmesh.engine.device import auto_device, memory_used_bytes, rank_device, resolve_device, resolve_dtype
 from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.kv_budget import GIB, DeviceMemory, kv_pool_bytes
 from pdmesh.engine.sampling_params import SamplingParams
@@ -23,6 +24,7 @@ def no_cuda(monkeypatch):
 def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(device_module, "auto_device", auto_device)  # the suite's conftest pins it to cpu
 
 
 def test_default_is_cpu_without_cuda(no_cuda):

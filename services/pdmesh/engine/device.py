@@ -21,7 +21,7 @@ def resolve_device(name: str, num_ranks: int = 1) -> torch.device:
     Raises InvalidRequestError naming --device when CUDA is asked for and absent."""
     check_device_name(name)
     if name == AUTO_DEVICE:
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return auto_device()
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -34,6 +34,11 @@ def resolve_device(name: str, num_ranks: int = 1) -> torch.device:
         raise InvalidRequestError(f"--device {name}: this worker needs {wanted}; this machine has {count} CUDA "
                                   f"device(s)", "device")
     return torch.device("cuda", index)
+
+
+def auto_device() -> torch.device:
+    """--device unset: cuda when CUDA is available, else cpu."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _why_no_cuda() -> str:
