@@ -54,6 +54,10 @@ def pytest_terminal_summary(terminalreporter):
 
 from pdmesh.engine.default_model import ensure_default_model
 
+# Every scheduler a test starts serves its OpenAI HTTP API on a free port, not the default 8000,
+# so meshes of concurrent tests (and of other checkouts on this machine) never collide there.
+os.environ.setdefault("PDMESH_HTTP_PORT", "0")
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:

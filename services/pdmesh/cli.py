@@ -1,4 +1,4 @@
-"""`pdmesh serve | scheduler | prefill | decode | exporter`: every flag comes from the config dataclasses
+"""`pdmesh serve | scheduler | prefill | decode | exporter | bench`: every flag comes from the config dataclasses
 (`pdmesh.config`, `pdmesh.serve_config`, `pdmesh.engine.engine_config`) through
 `pdmesh.config_loader`; this file only names which configs each command builds."""
 
@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from pdmesh import config_loader
+from pdmesh.bench.bench_config import BenchConfig
 from pdmesh.config import SchedulerConfig, WorkerConfig
 from pdmesh.errors import PdmeshError
 from pdmesh.exporter.exporter_config import ExporterConfig
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[str, dict[str, type], dict[str, set[str]]]] = {
     "decode": ("run a decode worker", {"worker": WorkerConfig}, {}),
     "exporter": ("serve cluster-level metrics per role from cluster status and worker metrics",
                  {"exporter": ExporterConfig}, {}),
+    "bench": ("load a pdmesh scheduler or any OpenAI-compatible server and report latency and throughput",
+              {"bench": BenchConfig}, {}),
 }
 
 
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Any:
-    """The config the command runs with: ServeConfig, SchedulerConfig, WorkerConfig or ExporterConfig."""
+    """The config the command runs with: ServeConfig, SchedulerConfig, WorkerConfig, ExporterConfig or
+    BenchConfig."""
     env = os.environ if env is None else env
     flags = command_flags(args.command)
     values = config_loader.resolve(flags, args, args.config, env)
@@ -64,6 +68,8 @@ def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) ->
     if args.command == "exporter":
         exporter = config_loader.build(ExporterConfig, "exporter", flags, values)
         return replace(exporter, security=exporter.security.with_secret(env))
+    if args.command == "bench":
+        return config_loader.build(BenchConfig, "bench", flags, values)
     scheduler = config_loader.build(SchedulerConfig, "scheduler", flags, values)
     scheduler = replace(scheduler, security=scheduler.security.with_secret(env))
     if args.command == "scheduler":
@@ -98,6 +104,9 @@ def _run(command: str, config: Any, log_level: str) -> int:
     if command == "exporter":
         from pdmesh.exporter.main import run_exporter
         return run_exporter(config)
+    if command == "bench":
+        from pdmesh.bench.main import run_bench
+        return run_bench(config)
     from pdmesh.child import run_service
     run_service(config)
     return 0

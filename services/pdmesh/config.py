@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from pdmesh import faults
 from pdmesh.engine.engine_config import MAX_MODEL_LEN_OPTION, EngineConfig
 from pdmesh.errors import InvalidRequestError
 from pdmesh.option import group, option
@@ -21,6 +22,7 @@ ROLES = ("prefill", "decode")
 ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load tests only)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECRET_ENV = "PDMESH_CLUSTER_SECRET"
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API's usual port (vLLM, SGLang)
 MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
 OTLP_OPTION = option("host:port of an OTLP/gRPC collector: export trace spans there (unset: tracing off)")
 
@@ -125,6 +127,9 @@ class WorkerConfig:
         "prefill: free a prompt's KV nobody pulled after this many seconds", flag="held-kv-ttl"))
     prefill_timeout_s: float = field(default=30.0, metadata=option(
         "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
+    faults: str = field(default="", metadata=option(
+        "fault injection for tests and drills, e.g. kv_corrupt=0.5,kv_delay_ms=3000 (off unless set; "
+        "README, Failure handling)"))
     heartbeat_interval_s: float = 1.0  # until the scheduler says otherwise at registration
     security: Security = field(default_factory=Security, metadata=group())
     otlp_endpoint: str = field(default="", metadata=OTLP_OPTION)
@@ -144,6 +149,7 @@ class WorkerConfig:
                 raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}", name)
         if self.echo_step_ms < 0:
             raise InvalidRequestError(f"echo_step_ms must be >= 0, got {self.echo_step_ms}", "echo_step_ms")
+        faults.parse(self.faults)  # a bad spec stops the worker at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,9 @@ class SchedulerConfig:
         "a worker silent this many seconds leaves routing", flag="heartbeat-timeout"))
     internal_port: int = field(default=50052, metadata=option(
         "port of the internal face (worker membership), for workers' --scheduler (0: a free one)"))
+    http_port: int = field(default=DEFAULT_HTTP_PORT, metadata=option(
+        "port of the OpenAI-compatible HTTP API beside the gRPC client port, same TLS and tenants "
+        "(0: a free one, -1: off)"))
     security: Security = field(default_factory=Security, metadata=group())
     tls_cert: str | None = field(default=None, metadata=option("PEM certificate for TLS on the client port"))
     tls_key: str | None = field(default=None, metadata=option("PEM private key for TLS on the client port"))
@@ -191,6 +200,8 @@ class SchedulerConfig:
             raise InvalidRequestError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.local_prefill_threshold < 0:
             raise InvalidRequestError("local_prefill_threshold must be >= 0", "local_prefill_threshold")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidRequestError(f"http_port must be in [-1, 65535], got {self.http_port}", "http_port")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise InvalidRequestError("heartbeat_timeout_s must exceed heartbeat_interval_s")
         for name in ("max_stop_strings", "max_stop_string_chars", "max_request_bytes", "max_streams_per_connection"):

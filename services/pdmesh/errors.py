@@ -10,11 +10,14 @@ class CheckpointError(PdmeshError):
 
 
 class InvalidRequestError(PdmeshError):
-    """A request breaks a cap or carries a bad field (gRPC INVALID_ARGUMENT)."""
+    """A request breaks a cap or carries a bad field (gRPC INVALID_ARGUMENT). limit and value,
+    when the check has them, travel to clients as well as the message (ErrorInfo metadata)."""
 
-    def __init__(self, message: str, field: str = ""):
+    def __init__(self, message: str, field: str = "", limit: object = None, value: object = None):
         super().__init__(message)
         self.field = field
+        self.limit = limit
+        self.value = value
 
 
 class ResourceExhaustedError(PdmeshError):

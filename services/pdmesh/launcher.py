@@ -42,6 +42,8 @@ def with_concrete_ports(config: ServeConfig) -> ServeConfig:
         scheduler = replace(scheduler, listen=replace(scheduler.listen, port=_free_port(scheduler.listen.host)))
     if scheduler.internal_port == 0:
         scheduler = replace(scheduler, internal_port=_free_port(scheduler.listen.host))
+    if scheduler.http_port == 0:
+        scheduler = replace(scheduler, http_port=_free_port(scheduler.listen.host))
     if not scheduler.security.cluster_secret:
         scheduler = replace(scheduler, security=replace(scheduler.security, cluster_secret=cluster_auth.new_secret()))
     return replace(config, scheduler=scheduler)
@@ -132,6 +134,11 @@ def print_ready(config: ServeConfig) -> None:
     print(f"  try:  grpcurl -plaintext -d '{chat}' {address} pdmesh.v1.Scheduler/Generate", flush=True)
     print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
           flush=True)
+    if config.scheduler.http_port != -1:
+        scheme = "https" if config.scheduler.tls_cert else "http"
+        url = f"{scheme}://{config.scheduler.listen.dial(config.scheduler.http_port)}/v1"
+        print(f"  or:   curl {url}/chat/completions -H 'Content-Type: application/json' -d '{chat}'"
+              f"   (OpenAI-compatible API at {url})", flush=True)
 
 
 def check_devices(config: ServeConfig) -> None:

@@ -52,6 +52,14 @@ HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from p
 HANDOFF_SECONDS = Histogram("pdmesh_kv_handoff_seconds", "Time of one KV hand-off",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 HANDOFF_FAILURES = Counter("pdmesh_kv_handoff_failures_total", "KV hand-offs that failed")
+KV_HANDOFF_CORRUPT = Counter("pdmesh_kv_handoff_corrupt_total",
+                             "Received KV discarded and recomputed, by reason: checksum (mismatch), short "
+                             "(fewer bytes than the layout calls for), timeout, lost (channel failed mid-transfer)",
+                             ["reason"])
+ABANDONED = Counter("pdmesh_abandoned_requests_total",
+                    "Requests a service stopped working on before they finished, their KV freed at once, by "
+                    "phase (queued, prefill, held, transfer, decode) and cause (cancel, deadline)",
+                    ["phase", "cause"])
 PREFILL_FALLBACKS = Counter("pdmesh_prefill_fallbacks_total",
                             "Prefills moved to another prefill worker or to the decode worker, by target",
                             ["target"])

@@ -60,6 +60,15 @@ def span(name: str, **attributes: Any):
     return _tracer.start_as_current_span(name, attributes=attributes or None)
 
 
+def server_span(name: str, carrier: Any):
+    """A server span parented on the trace context in `carrier` (HTTP headers: any mapping with
+    .get); a no-op context when tracing is off."""
+    if _tracer is None:
+        return contextlib.nullcontext(None)
+    from opentelemetry.propagate import extract
+    return _server_span(name, extract(carrier))
+
+
 def inject(metadata: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
     """`metadata` plus the current trace context, for an outgoing call."""
     if _tracer is None:

@@ -39,8 +39,9 @@ def test_ports_match_the_code_and_workers_scale(config):
     scheduler = services["scheduler"]["environment"]
     assert int(scheduler["PDMESH_PORT"]) == SchedulerConfig().listen.port
     assert int(scheduler["PDMESH_INTERNAL_PORT"]) == flag_default("scheduler", "internal-port")
+    assert int(scheduler["PDMESH_HTTP_PORT"]) == SchedulerConfig().http_port
     assert [p["target"] if isinstance(p, dict) else int(p.split(":")[-1]) for p in services["scheduler"]["ports"]] \
-        == [SchedulerConfig().listen.port]  # the internal port is not published
+        == [SchedulerConfig().listen.port, SchedulerConfig().http_port]  # the internal port is not published
     assert int(services["exporter"]["environment"]["PDMESH_PORT"]) == ExporterConfig().port
     for role in ("prefill", "decode"):  # --scale: no fixed name, no host port
         assert "container_name" not in services[role] and "ports" not in services[role]

@@ -73,6 +73,7 @@ def test_ports_match_the_code(objects):
             assert port_of(container, "grpc") == int(env["PDMESH_PORT"]) == SchedulerConfig().listen.port
             assert port_of(container, "internal") == int(env["PDMESH_INTERNAL_PORT"]) == flag_default(
                 "scheduler", "internal-port")
+            assert port_of(container, "http") == int(env["PDMESH_HTTP_PORT"]) == SchedulerConfig().http_port
         elif command == "exporter":
             assert port_of(container, "http-metrics") == int(env["PDMESH_PORT"]) == ExporterConfig().port
         else:  # workers' default port is 0 (a free one): the manifests fix one, and use it everywhere
@@ -158,7 +159,7 @@ def selects(peer: dict, labels: dict) -> bool:
 
 def test_network_policies_keep_internal_ports_to_mesh_pods(objects):
     """The scheduler's internal port and every worker port (gRPC and KV channels) admit the
-    scheduler's and the workers' pods and no other; the client port admits anyone."""
+    scheduler's and the workers' pods and no other; the client ports (gRPC, HTTP) admit anyone."""
     pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in of_kind(objects, "Deployment").items()}
     mesh = {"pdmesh-scheduler", "pdmesh-prefill", "pdmesh-decode"}
     policies = of_kind(objects, "NetworkPolicy")
@@ -169,7 +170,7 @@ def test_network_policies_keep_internal_ports_to_mesh_pods(objects):
         assert len(rules) == 1
         admitted = {name for name, labels in pod_labels.items() if any(selects(p, labels) for p in rules[0]["from"])}
         assert admitted == mesh and len(rules[0]["from"]) == 1
-    assert any("from" not in rule and rule["ports"] == [{"port": 50051}] for rule in scheduler)
+    assert any("from" not in rule and rule["ports"] == [{"port": 50051}, {"port": 8000}] for rule in scheduler)
 
 
 def test_hpa_metrics_are_adapter_rules_over_exporter_series(objects):

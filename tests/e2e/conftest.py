@@ -49,6 +49,9 @@ api_keys = ["k-small"]
 api_keys = ["k-acme"]
 requests_per_s = 0.5
 burst_s = 4
+[tenants.ops]
+api_keys = ["k-ops"]
+admin = true
 """
 
 
@@ -60,6 +63,7 @@ def echo_mesh(tmp_path_factory, smollm2_path):
                       "--kv-cache-gib", str(64 * ECHO_BLOCK_BYTES / 2**30), "--max-model-len", "512",
                       "--max-queued-requests", "8", "--default-max-tokens", "8", "--local-prefill-threshold", "0",
                       "--tenants-file", str(folder / "tenants.toml"))
+    mesh.admin_key = "k-ops"  # cluster status is admin-only once tenants are configured
     yield mesh
     assert mesh.stop() == 0
     assert not mesh.leftovers()

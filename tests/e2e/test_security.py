@@ -209,7 +209,9 @@ def test_a_reader_that_never_reads_is_cut_off_and_its_kv_freed(tmp_path):
     mesh = start_mesh(tmp_path / "serve.log", "--engine", "echo", "--kv-cache-gib", "0.01", "--max-model-len",
                       "8192", "--client-stall-timeout", "2", "--no-warmup")
     try:
-        channel = grpc.insecure_channel(mesh.address)
+        # A small receive window and no BDP probing: the server's writes wait on this reader soon.
+        channel = grpc.insecure_channel(mesh.address, options=[("grpc.http2.lookahead_bytes", 4096),
+                                                               ("grpc.http2.bdp_probe", 0)])
         stalled = channel.unary_stream("/pdmesh.v1.Scheduler/Generate",
                                        request_serializer=lambda r: r.SerializeToString())(
             build_request(prompt="hi", max_tokens=8000, ignore_eos=True), timeout=120)

@@ -57,9 +57,11 @@ def expected(reference_engine, prompts):
     return out
 
 
-def run_streams(mesh, prompts, disrupt) -> tuple[dict, dict, tuple[str, float]]:
+def run_streams(mesh, prompts, disrupt, restarts: int) -> tuple[dict, dict, str, float]:
     """16 concurrent greedy streams; `disrupt()` runs while they do and returns (victim's id, when
-    it was killed). Returns (outputs or errors, seconds each request took, what disrupt returned)."""
+    it was killed); then, streams still running, the victim must be back after its `restarts`-th
+    restart within 60 s of the kill. Returns (outputs or errors, seconds each request took, the
+    victim, seconds from kill to back)."""
     durations: dict[int, float] = {}
 
     def one(i):
@@ -73,18 +75,17 @@ def run_streams(mesh, prompts, disrupt) -> tuple[dict, dict, tuple[str, float]]:
                 durations[i] = time.monotonic() - start
     with ThreadPoolExecutor(STREAMS) as pool:
         futures = [pool.submit(one, i) for i in range(STREAMS)]
-        victim = disrupt()
-        return {i: f.result() for i, f in enumerate(futures)}, durations, victim
+        victim, killed_at = disrupt()
+        back_s = wait_back(mesh, victim, restarts, killed_at)
+        return {i: f.result() for i, f in enumerate(futures)}, durations, victim, back_s
 
 
 def decode_fallbacks(mesh) -> float:
     return sum(metric(w.metrics_address, "pdmesh_prefill_fallbacks_total") for w in mesh.workers("decode"))
 
 
-def check(mesh, results, durations, expected, event, victim, restarts, handled: dict):
-    (victim, killed_at) = victim
+def check(mesh, results, durations, expected, event, victim, back_s, handled: dict):
     failed = {i: (r.code().name, r.details()) for i, r in results.items() if isinstance(r, grpc.RpcError)}
-    back_s = wait_back(mesh, victim, restarts, killed_at)
     idle = mesh.wait_all_blocks_free(30)
     record(event, {"sent": len(results), "failed": len(failed), "slowest_s": round(max(durations.values()), 2),
                    **handled, "restarts": worker(mesh, victim).restarts}, round(back_s, 2))
@@ -107,10 +108,10 @@ def test_kill_decode_worker_mid_stream(mesh, prompts, expected):
         time.sleep(0.5)  # tokens are flowing
         os.kill(worker(mesh, victim).ranks[0].pid, signal.SIGKILL)
         return victim, time.monotonic()
-    results, durations, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim, back_s = run_streams(mesh, prompts, kill, 1)
     resumed = metric(scheduler_metrics_address(mesh), "pdmesh_resumed_streams_total") - resumed_before
     assert resumed >= 1  # streams moved to the other decode worker after tokens were sent
-    check(mesh, results, durations, expected, "kill -9 decode worker mid-stream", victim, 1, {"resumed": resumed})
+    check(mesh, results, durations, expected, "kill -9 decode worker mid-stream", victim, back_s, {"resumed": resumed})
 
 
 def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
@@ -120,10 +121,11 @@ def test_kill_prefill_worker_while_it_prefills(mesh, prompts, expected):
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(worker(mesh, "prefill-0").ranks[0].pid, signal.SIGKILL)
         return "prefill-0", time.monotonic()
-    results, durations, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim, back_s = run_streams(mesh, prompts, kill, 1)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1  # prompts in flight were prefilled elsewhere (locally: it was the only one)
-    check(mesh, results, durations, expected, "kill -9 prefill worker (TP=3 rank 0)", victim, 1, {"fallbacks": fallbacks})
+    check(mesh, results, durations, expected, "kill -9 prefill worker (TP=3 rank 0)", victim, back_s,
+          {"fallbacks": fallbacks})
 
 
 def test_kill_tensor_parallel_follower_rank(mesh, prompts, expected):
@@ -136,10 +138,10 @@ def test_kill_tensor_parallel_follower_rank(mesh, prompts, expected):
         wait_until(lambda: worker(mesh, "prefill-0").queued_prompt_tokens > 0, 60, "prompts on the prefill worker")
         os.kill(next(r.pid for r in group.ranks if r.rank == 2), signal.SIGKILL)
         return "prefill-0", time.monotonic()
-    results, durations, victim = run_streams(mesh, prompts, kill)
+    results, durations, victim, back_s = run_streams(mesh, prompts, kill, restarts + 1)
     fallbacks = decode_fallbacks(mesh) - fallbacks_before
     assert fallbacks >= 1
-    check(mesh, results, durations, expected, "kill -9 TP follower rank 2 of prefill-0", victim, restarts + 1,
+    check(mesh, results, durations, expected, "kill -9 TP follower rank 2 of prefill-0", victim, back_s,
           {"fallbacks": fallbacks})
     new_ranks = worker(mesh, "prefill-0").ranks
     assert len(new_ranks) == 3 and not {r.pid for r in new_ranks} & {r.pid for r in group.ranks}

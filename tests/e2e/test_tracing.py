@@ -5,8 +5,10 @@ honoured and echoed."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -16,6 +18,7 @@ from support.mesh import start_mesh
 from support.otlp_collector import OtlpCollector
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+HTTP_TRACE_ID = "5cf92f3577b34da6a3ce929d0e0e4737"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
@@ -44,8 +47,13 @@ def test_one_request_is_one_trace_across_three_processes(tmp_path, collector):
         while not wanted <= {s.name for s in collector.trace(TRACE_ID)} and time.monotonic() < deadline:
             time.sleep(0.2)
         spans = collector.trace(TRACE_ID)
+        http_spans = http_trace(mesh, collector)
     finally:
         assert mesh.stop() == 0
+    http_by_name = {s.name: s for s in http_spans}
+    http_root = http_by_name["POST /v1/completions"]
+    assert http_root.parent_span_id == CLIENT_SPAN and http_root.service == "pdmesh-scheduler"
+    assert http_by_name["admission"].parent_span_id == http_root.span_id
     by_name = {s.name: s for s in spans}
     assert wanted <= set(by_name), sorted(by_name)
     assert {s.service for s in spans} == {"pdmesh-scheduler", "pdmesh-decode", "pdmesh-prefill"}
@@ -57,6 +65,20 @@ def test_one_request_is_one_trace_across_three_processes(tmp_path, collector):
     decode = by_name["pdmesh.v1.DecodeWorker/Generate"]
     assert by_name["pdmesh.v1.PrefillWorker/Prefill"].parent_span_id == decode.span_id
     assert by_name["kv_handoff"].attributes["bytes"] > 0
+
+
+def http_trace(mesh, collector) -> list:
+    """One OpenAI HTTP request with a traceparent header: its spans, once the collector has them."""
+    request = urllib.request.Request(f"{mesh.http_url}/completions", method="POST",
+                                     data=json.dumps({"prompt": "trace me over http", "max_tokens": 2}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "traceparent": f"00-{HTTP_TRACE_ID}-{CLIENT_SPAN}-01"})
+    urllib.request.urlopen(request, timeout=30).read()
+    wanted = {"POST /v1/completions", "admission", "pdmesh.v1.DecodeWorker/Generate"}
+    deadline = time.monotonic() + 20
+    while not wanted <= {s.name for s in collector.trace(HTTP_TRACE_ID)} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return collector.trace(HTTP_TRACE_ID)
 
 
 def test_tracing_off_exports_nothing_and_echoes_nothing(tmp_path, collector):

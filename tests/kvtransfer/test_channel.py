@@ -91,3 +91,23 @@ def test_receiver_needs_every_head_it_owns():
     check_layouts(sender=layout(), receiver=layout(kv_head_ids=(1,)))
     with pytest.raises(LayoutMismatchError, match=r"lacks KV heads \[2\]"):
         check_layouts(sender=layout(kv_head_ids=(0, 1)), receiver=layout(kv_head_ids=(1, 2)))
+
+
+def _short_sender(port: int) -> None:
+    channel = KVChannel(connect_store("127.0.0.1", port, 10), "short", SENDER_RANK, 10, "127.0.0.1")
+    channel.send(torch.full(SHAPE, 1.0)[..., :-1].contiguous(), 0)  # every layer one element short a head
+
+
+def test_short_message_is_accepted_by_gloo_so_the_checksum_must_catch_it():
+    from pdmesh.kvtransfer.checksum import KVChecksum, kv_checksum
+
+    store = serve_store("127.0.0.1", 10)
+    sender = mp.get_context("spawn").Process(target=_short_sender, args=(store.port,), daemon=True)
+    sender.start()
+    channel = KVChannel(store, "short", RECEIVER_RANK, 10, "127.0.0.1")
+    checksum, layers = KVChecksum(), []
+    kv = channel.recv(SHAPE, torch.float32, 0, lambda layer: (checksum.update(layer), layers.append(layer)))
+    assert len(layers) == SHAPE[0]  # one callback per layer, in order, as each landed
+    assert checksum.digest() == kv_checksum(kv)
+    assert checksum.digest() != kv_checksum(torch.full(SHAPE, 1.0))  # no error, yet not what was meant
+    sender.join(10)

@@ -85,7 +85,7 @@ service Scheduler {
 # What Fail / FailStream raise, by name.
 ERRORS = {
     "InvalidRequestError": lambda: errors.InvalidRequestError(
-        "max_tokens is 9,000; this model allows at most 4,096", field="max_tokens"
+        "max_tokens is 9,000; this model allows at most 4,096", field="max_tokens", limit=4096, value=9000
     ),
     "ResourceExhaustedError": lambda: errors.ResourceExhaustedError(
         "queue holds 64 of 64 requests", retry_after_s=2.5

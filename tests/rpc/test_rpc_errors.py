@@ -28,6 +28,8 @@ EXPECTED = {
     "UnavailableError": (Code.UNAVAILABLE, {"retry_delay_s": 0.25}),
     "EngineError": (Code.INTERNAL, {}),
 }
+# an invalid request's field, limit and value travel in ErrorInfo.metadata
+METADATA = {"InvalidRequestError": {"field": "max_tokens", "limit": "4096", "value": "9000"}}
 REASONS = {
     "InvalidRequestError": "INVALID_REQUEST",
     "ResourceExhaustedError": "RESOURCE_EXHAUSTED",
@@ -93,7 +95,8 @@ def assert_maps(rpc_error: grpc.RpcError, error: str, message: str) -> None:
     assert rpc_error.code() == code
     assert details["code"] == code.name
     assert details["message"] == message
-    assert details["error_info"] == {"reason": REASONS[error], "domain": "pdmesh", "metadata": {}}
+    assert details["error_info"] == {"reason": REASONS[error], "domain": "pdmesh",
+                                     "metadata": METADATA.get(error, {})}
     assert {k: v for k, v in details.items() if k in extra} == extra
     not_expected = {"field_violations", "retry_delay_s"} - set(extra)
     assert not not_expected & set(details)

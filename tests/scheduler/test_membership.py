@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdmesh.scheduler.circuit_breaker import CircuitBreaker
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.router import Assignment, Router
@@ -53,3 +55,27 @@ def test_started_requests_stay_counted_until_a_later_heartbeat():
     registry.heartbeat("d1", WorkerLoad(kv_blocks_free=90, kv_blocks_total=100, block_size=16))
     assert d1.pending_blocks == 0 and d1.pending_requests == 0  # the report includes it now
     assert router.pick_decode(90 * 16).worker_id == "d1"
+
+
+def test_worker_that_cannot_pair_is_refused_at_registration_naming_both_sides():
+    from pdmesh.engine.kv_cache import KVLayout
+    from pdmesh.errors import FailedPreconditionError
+    from pdmesh.scheduler.pairing import Pairing
+
+    fp32 = Pairing("SmolLM2-135M", "pdmesh", KVLayout(30, 3, 64, "float32", (0, 1, 2)))
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0)
+    registry.register("decode-a", "decode", "127.0.0.1:1", 1, WorkerLoad(), pairing=fp32)
+    registry.register("prefill-a", "prefill", "127.0.0.1:2", 2, WorkerLoad(),  # TP shards may differ
+                      pairing=Pairing("SmolLM2-135M", "pdmesh", KVLayout(30, 3, 64, "float32", (0, 1))))
+    for bad, what in ((Pairing("SmolLM2-135M", "pdmesh", KVLayout(30, 3, 64, "bfloat16", (0, 1, 2))), "KV dtype"),
+                      (Pairing("Other-1B", "pdmesh", fp32.layout), "model"),
+                      (Pairing("SmolLM2-135M", "echo", fp32.layout), "engine kind")):
+        with pytest.raises(FailedPreconditionError) as err:
+            registry.register("prefill-b", "prefill", "127.0.0.1:3", 1, WorkerLoad(), pairing=bad)
+        message = str(err.value)
+        assert f"prefill worker prefill-b cannot pair with decode worker decode-a: {what} differs" in message
+        assert "decode-a: model SmolLM2-135M, engine pdmesh, KV 30 layers x 3 heads x 64 float32" in message
+    assert "prefill-b" not in registry.workers
+    registry.workers["decode-a"].last_heartbeat -= 10  # a dead peer does not block anyone
+    registry.register("prefill-b", "prefill", "127.0.0.1:3", 1, WorkerLoad(),
+                      pairing=Pairing("SmolLM2-135M", "echo", fp32.layout))

@@ -8,7 +8,7 @@ import pytest
 
 from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.errors import InvalidRequestError, NotFoundError
-from pdmesh.gen.pdmesh.v1 import scheduler_pb2
+from pdmesh.scheduler.generate_request import ChatMessage, GenerateRequest
 from pdmesh.scheduler.request_spec import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Caps, ModelInfo,
                                            build_spec)
 
@@ -21,11 +21,9 @@ def model(smollm2_path) -> ModelInfo:
     return ModelInfo(checkpoint.config.name, checkpoint.config, checkpoint.tokenizer, 256)
 
 
-def request(**fields) -> scheduler_pb2.GenerateRequest:
-    messages = fields.pop("messages", [])
-    pb = scheduler_pb2.GenerateRequest(**fields)
-    pb.messages.extend(scheduler_pb2.ChatMessage(**m) for m in messages)
-    return pb
+def request(**fields) -> GenerateRequest:
+    messages = tuple(ChatMessage(**m) for m in fields.pop("messages", []))
+    return GenerateRequest(messages=messages, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def invalid(model, field: str, **fields) -> str:

@@ -63,9 +63,9 @@ class Cluster:
     def internal_address(self) -> str:
         return f"127.0.0.1:{self.internal_port}"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
-        env = {**os.environ, "PDMESH_CLUSTER_SECRET": CLUSTER_SECRET}
+        env = {**os.environ, "PDMESH_CLUSTER_SECRET": CLUSTER_SECRET, **(env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "pdmesh.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
         self.procs[name] = proc
@@ -75,9 +75,9 @@ class Cluster:
         self._spawn("scheduler", "scheduler", "--port", str(self.scheduler_port), "--internal-port",
                     str(self.internal_port), "--model", str(self.model), *flags)
 
-    def start_worker(self, role: str, name: str, *flags: str) -> None:
+    def start_worker(self, role: str, name: str, *flags: str, env: dict[str, str] | None = None) -> None:
         self._spawn(name, role, "--scheduler", self.internal_address, "--worker-id", name, "--model", str(self.model),
-                    "--kv-cache-gib", "0.05", "--threads", "1", *flags)
+                    "--kv-cache-gib", "0.05", "--threads", "1", *flags, env=env)
 
     def client(self, **kwargs) -> PdmeshClient:
         return PdmeshClient(self.address, **kwargs)
@@ -145,6 +145,7 @@ class Load:
         self.count = count
         self.results: dict[int, list[int] | grpc.RpcError] = {}
         self.seconds: dict[int, float] = {}  # each request's latency: what a disruption cost a client
+        self.routes: dict[int, object] = {}  # request -> its answer's Route
         self.not_serving: list[str] = []
         self._prompts = prompts(24)
         self._next = itertools.count()  # shared by the threads: next() on it is atomic under the GIL
@@ -172,6 +173,7 @@ class Load:
                 done = c.generate(prompt_token_ids=self._prompts[i % len(self._prompts)], max_tokens=NEW_TOKENS,
                                   ignore_eos=True)
                 self.results[i] = list(done.token_ids)
+                self.routes[i] = done.route
             except grpc.RpcError as exc:
                 self.results[i] = exc
         self.seconds[i] = time.monotonic() - started

@@ -64,12 +64,19 @@ class Mesh:
     process: subprocess.Popen
     log_path: Path
     children: set[int] = field(default_factory=set)  # serve's descendants when stop() began
+    http_port: int = -1  # the OpenAI-compatible API's port (-1: off)
+    admin_key: str | None = None  # an admin tenant's key, for cluster status when tenants are on
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def client(self, **kwargs) -> PdmeshClient:
         return PdmeshClient(self.address, **kwargs)
 
     def workers(self, role: str | None = None):
-        with self.client() as c:
+        with self.client(api_key=self.admin_key) as c:
             return [w for w in c.cluster_status().workers if role is None or w.role == role]
 
     def wait_all_blocks_free(self, timeout_s: float = 15.0) -> list:
@@ -96,18 +103,23 @@ class Mesh:
         return alive(self.children)
 
 
-def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0) -> Mesh:
+def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Mesh:
+    """The HTTP API gets a free port of its own unless flags set --http-port. env: extra environment
+    for serve (and so its children), e.g. {"PDMESH_FAULTS": "kv_corrupt=1"}."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *flags]
+    http_port = int(flags[flags.index("--http-port") + 1]) if "--http-port" in flags else free_port()
+    http = [] if "--http-port" in flags else ["--http-port", str(http_port)]
+    cmd = [sys.executable, "-m", "pdmesh.cli", "serve", "--port", str(port), "--internal-port", "0", *http, *flags]
     log = open(log_path, "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             os.killpg(process.pid, signal.SIGKILL)
             raise RuntimeError(f"pdmesh serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         if "pdmesh is ready" in log_path.read_text():
-            return Mesh(f"127.0.0.1:{port}", process, log_path)
+            return Mesh(f"127.0.0.1:{port}", process, log_path, http_port=http_port)
         time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)  # serve and every process it started
     raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")

@@ -4,6 +4,12 @@ The decode worker hosts each pair's TCPStore and pulls one transfer at a time pe
 posts the receive, then asks the prefill worker (PullKV) to send. Gloo matches a send only with
 a receive of the same tag that is already posted, so both ends must agree on the order; pulling
 one at a time per pair gives that order without any extra protocol.
+
+Nothing received is trusted until it is checked: the bytes the sender reports must be what the
+layout and prompt length call for (Gloo accepts a short message silently), and the checksum of
+what arrived, hashed layer by layer while later layers are still on the wire, must equal the
+sender's. A mismatch, a short transfer, a timeout or a channel lost mid-transfer discards the KV
+(KVIntegrityError, counted in pdmesh_kv_handoff_corrupt_total{reason}); the caller recomputes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 from pdmesh import metrics, tracing
 from pdmesh.engine.kv_cache import KVLayout, torch_dtype
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
-from pdmesh.kvtransfer.channel import RECEIVER_RANK, KVChannel, TransferError, serve_store
+from pdmesh.kvtransfer.channel import RECEIVER_RANK, KVChannel, KVIntegrityError, TransferError, serve_store
+from pdmesh.kvtransfer.checksum import KVChecksum, checksum_kind
 from pdmesh.kvtransfer.layout_check import check_layouts, check_transport, transport_for
 from pdmesh.worker.convert import layout_from_pb, layout_to_pb
 
@@ -46,39 +53,46 @@ class KVReceiver:
 
     async def pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
                    num_tokens: int, sender: KVLayout | None = None) -> tuple[torch.Tensor, int, float]:
-        """Receive a prefilled prompt's KV: ([layers, 2, tokens, kv heads, D], bytes, seconds).
-        sender: the prefill worker's layout (from its PrefillResult), which picks the transport."""
-        backend = "gloo" if sender is None else transport_for(sender, self.layout)
+        """Receive a prefilled prompt's KV, checked: ([layers, 2, tokens, kv heads, D], bytes, seconds).
+        Raises KVIntegrityError when what arrived must not be used. sender: the prefill worker's
+        layout (from its PrefillResult), which picks the transport and the checksum."""
         with tracing.span("kv_handoff", request_id=request_id, prefill_worker=address) as span:
-            kv, nbytes, seconds = await self._pull(stub, address, request_id, num_tokens, backend)
+            kv, nbytes, seconds = await self._pull(stub, address, request_id, num_tokens, sender)
             if span is not None:
                 span.set_attributes({"bytes": nbytes, "seconds": seconds})
         return kv, nbytes, seconds
 
     async def _pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
-                    num_tokens: int, backend: str) -> tuple[torch.Tensor, int, float]:
-        link = await self._link(stub, address, backend)
+                    num_tokens: int, sender: KVLayout | None) -> tuple[torch.Tensor, int, float]:
+        link = await self._link(stub, address, "gloo" if sender is None else transport_for(sender, self.layout))
         shape = (self.layout.num_layers, 2, num_tokens, len(self.layout.kv_head_ids), self.layout.head_dim)
+        # The sender hashes on its export's device (a device reduction on a GPU), so this end does too.
+        checksum = KVChecksum(checksum_kind(torch.device("cpu" if sender is None else sender.device)))
         async with link.lock:
             tag, link.next_tag = link.next_tag, link.next_tag + 1
             start = time.perf_counter()
             receive = asyncio.create_task(asyncio.to_thread(
-                link.channel.recv, shape, torch_dtype(self.layout.dtype), tag))
+                link.channel.recv, shape, torch_dtype(self.layout.dtype), tag, checksum.update))
             try:
-                await stub.PullKV(prefill_pb2.PullKVRequest(request_id=request_id, channel_id=link.channel_id,
-                                                            tag=tag), timeout=self.timeout_s)
+                done = await stub.PullKV(prefill_pb2.PullKVRequest(request_id=request_id, channel_id=link.channel_id,
+                                                                   tag=tag), timeout=self.timeout_s)
                 kv = await receive
             except BaseException as exc:
                 receive.cancel()  # its thread ends at the channel's timeout; nobody waits for it
                 receive.add_done_callback(_retrieve)
                 self._drop(address, link)  # a half-done transfer leaves the pair in an unknown state
                 metrics.HANDOFF_FAILURES.inc()
-                if isinstance(exc, grpc.aio.AioRpcError):
-                    raise TransferError(f"KV pull of {request_id} from {address} failed: "
-                                        f"{exc.code().name}: {exc.details()}") from exc
-                raise
+                error = _failure(exc, request_id, address)
+                if error is exc:
+                    raise
+                raise error from exc
         seconds = time.perf_counter() - start
         nbytes = kv.numel() * kv.element_size()
+        try:
+            _verify(done, nbytes, checksum, request_id, address)
+        except KVIntegrityError:
+            metrics.HANDOFF_FAILURES.inc()
+            raise
         metrics.HANDOFF_BYTES.inc(nbytes)
         metrics.HANDOFF_SECONDS.observe(seconds)
         return kv, nbytes, seconds
@@ -125,3 +139,36 @@ def _retrieve(task: asyncio.Task) -> None:
     """Consume the abandoned receive's outcome (its failure is already reported by the pull)."""
     if not task.cancelled():
         task.exception()
+
+
+def _verify(done: prefill_pb2.TransferDone, nbytes: int, checksum: KVChecksum, request_id: str,
+            address: str) -> None:
+    """Raise KVIntegrityError unless the sender sent exactly what arrived. (The pair is still in
+    step after a bad transfer: every layer's message was matched, so the channel is kept.)"""
+    where = f"KV of {request_id} from {address}"
+    if done.bytes != nbytes:
+        raise _discard(f"{where} is short: {done.bytes:,} bytes sent, {nbytes:,} expected", "short")
+    if done.checksum_kind != checksum.kind or done.checksum != checksum.digest():
+        raise _discard(f"{where} is corrupt: checksum {done.checksum_kind} {done.checksum:#x} sent, "
+                       f"{checksum.kind} {checksum.digest():#x} received", "checksum")
+
+
+def _failure(exc: BaseException, request_id: str, address: str) -> BaseException:
+    """What a failed pull raises: KVIntegrityError when KV was (or may have been) partly received."""
+    where = f"KV pull of {request_id} from {address}"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        message = f"{where} failed: {code.name}: {exc.details()}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _discard(message, "timeout")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return _discard(message, "lost")  # the sender vanished mid-transfer
+        return TransferError(message)
+    if isinstance(exc, TransferError):
+        return _discard(f"{where}: {exc}", "timeout" if exc.timed_out else "lost")
+    return exc
+
+
+def _discard(message: str, reason: str) -> KVIntegrityError:
+    metrics.KV_HANDOFF_CORRUPT.labels(reason=reason).inc()
+    return KVIntegrityError(message, reason)

@@ -1,20 +1,26 @@
 """One request on a decode worker, from block reservation to its last token.
 
 Blocks for prompt + max_tokens are reserved before the prompt is prefilled anywhere, so a
-hand-off never finds the pool full. Every way out (finish, cancel, prefill or transfer error)
-frees the reservation here and the held KV on the prefill worker.
+hand-off never finds the pool full. The prompt is prefilled by the first prefill worker that
+delivers KV that checks out (kv_receiver.py verifies length and checksum before the sequence
+joins the batch); a worker that fails, stalls or sends bad KV is skipped, and after the last one
+the prompt is prefilled here. Every way out (finish, cancel, deadline, prefill or transfer error)
+frees the reservation here at once, and ends the Prefill call, which frees the held KV on the
+prefill worker at once too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 
-from pdmesh import metrics
+from pdmesh import metrics, tracing
 from pdmesh.rpc.channels import internal_channel
 from pdmesh.rpc.cluster_auth import ClusterCredentials
 from pdmesh.engine.engine_protocol import Engine
@@ -23,7 +29,7 @@ from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import DeadlineError, EngineError
 from pdmesh.gen.pdmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from pdmesh.decode.kv_receiver import KVReceiver
-from pdmesh.kvtransfer.channel import TransferError
+from pdmesh.kvtransfer.channel import KVIntegrityError, TransferError
 from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,15 @@ class PrefillClients:
             await channel.close()
 
 
+@dataclass(slots=True)
+class _Progress:
+    """Where one request is (for counting an early exit) and what its prefill took."""
+
+    phase: str = "prefill"  # prefill, transfer, decode
+    prefill_fallbacks: int = 0
+    kv_recomputes: int = 0
+
+
 class DecodeStream:
     def __init__(self, engine: Engine, receiver: KVReceiver, clients: PrefillClients, prefill_timeout_s: float):
         self.engine = engine
@@ -63,36 +78,54 @@ class DecodeStream:
         self.engine.validate(prompt, params.max_tokens)
         self.engine.reserve(request_id, len(prompt) + params.max_tokens)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        progress = _Progress()
         try:
             request = EngineRequest(request_id, prompt, params, output_offset=output_offset)
-            request, info, last = await self._prefill(request, prefill_addresses, deadline)
+            request, info, last = await self._prefill(request, prefill_addresses, deadline, progress)
+            info.prefill_fallbacks, info.kv_recomputes = progress.prefill_fallbacks, progress.kv_recomputes
             if last is not None:
+                last.prefill.CopyFrom(info)
                 yield last
                 return
-            first = True
-            async for output in self.engine.generate(request):
-                if output.finish_reason == "error":
-                    raise EngineError(f"request {request_id}: {output.error}")
-                chunk = decode_pb2.DecodeChunk(token_ids=output.token_ids, finish_reason=output.finish_reason or "")
-                if output.queue_s is not None:
-                    metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
-                if first:
-                    chunk.prefill.CopyFrom(info)
-                    first = False
+            async for chunk in self._decode(request, info, progress):
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            cause = "deadline" if deadline is not None and time.monotonic() >= deadline else "cancel"
+            metrics.ABANDONED.labels(phase=progress.phase, cause=cause).inc()
+            log.debug("request %s: %s while in %s; its blocks are freed", request_id, cause, progress.phase)
+            raise
         finally:
             self.engine.release_reservation(request_id)
 
-    async def _prefill(self, request: EngineRequest, addresses: list[str], deadline: float | None):
+    async def _decode(self, request: EngineRequest, info: decode_pb2.PrefillInfo,
+                      progress: _Progress) -> AsyncIterator[decode_pb2.DecodeChunk]:
+        first = True
+        async for output in self.engine.generate(request):
+            progress.phase = "decode"
+            if output.finish_reason == "error":
+                raise EngineError(f"request {request.request_id}: {output.error}")
+            chunk = decode_pb2.DecodeChunk(token_ids=output.token_ids, finish_reason=output.finish_reason or "")
+            if output.queue_s is not None:
+                metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
+            if first:
+                chunk.prefill.CopyFrom(info)
+                first = False
+            yield chunk
+
+    async def _prefill(self, request: EngineRequest, addresses: list[str], deadline: float | None,
+                       progress: _Progress):
         """Try each prefill worker in turn; if all fail, the engine here prefills (mode "local")."""
         for i, address in enumerate(addresses):
             try:
-                return await self._remote_prefill(request, address, self._attempt_timeout(deadline))
+                return await self._remote_prefill(request, address, self._attempt_timeout(deadline), progress)
             except TransferError as exc:
+                progress.prefill_fallbacks += 1
+                progress.kv_recomputes += isinstance(exc, KVIntegrityError)
                 target = "next_prefill" if i + 1 < len(addresses) else "local"
                 metrics.PREFILL_FALLBACKS.labels(target=target).inc()
                 log.warning("request %s: %s; trying %s", request.request_id, exc,
                             addresses[i + 1] if i + 1 < len(addresses) else "a local prefill")
+        progress.phase = "prefill"
         return request, decode_pb2.PrefillInfo(mode="local"), None
 
     def _attempt_timeout(self, deadline: float | None) -> float:
@@ -103,32 +136,36 @@ class DecodeStream:
             raise DeadlineError("the request's deadline passed before its prefill")
         return min(left, self.prefill_timeout_s)
 
-    async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float):
-        """(engine request carrying the KV, prefill info, final chunk if the first token ends it)."""
+    async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float, progress: _Progress):
+        """(engine request carrying the checked KV, prefill info, final chunk if the first token ends it)."""
+        progress.phase = "prefill"
         stub = self.clients.get(address)
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
                                         sampling=sampling_to_pb(request.params), output_offset=request.output_offset,
                                         layout=layout_to_pb(self.receiver.layout))
+        # Open while the prefill worker holds the KV. A stream: the credential goes with the call.
+        call = stub.Prefill(pb, timeout=timeout_s, metadata=tracing.inject(self.clients.credentials.metadata()))
         try:
-            result = await stub.Prefill(pb, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise TransferError(f"prefill on {address} failed: {exc.code().name}: {exc.details()}") from exc
-        info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds)
-        if result.finish_reason:
-            chunk = decode_pb2.DecodeChunk(token_ids=[result.first_token], finish_reason=result.finish_reason,
-                                           prefill=info)
-            return request, info, chunk
-        try:
+            result = await _first_result(call, address)
+            info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds,
+                                          prefill_worker_id=result.worker_id)
+            if result.finish_reason:
+                return request, info, decode_pb2.DecodeChunk(token_ids=[result.first_token],
+                                                             finish_reason=result.finish_reason)
+            progress.phase = "transfer"
             kv, info.handoff_bytes, info.handoff_seconds = await self.receiver.pull(
                 stub, address, request.request_id, result.num_tokens, layout_from_pb(result.layout))
         except BaseException:
-            await self._release_remote(stub, request.request_id)
+            call.cancel()  # ends the hold: the prefill worker frees the prompt's KV now, not at its TTL
             raise
-        request = dataclasses.replace(request, kv=kv, first_token=result.first_token)
-        return request, info, None
+        return dataclasses.replace(request, kv=kv, first_token=result.first_token), info, None
 
-    async def _release_remote(self, stub: prefill_pb2_grpc.PrefillWorkerStub, request_id: str) -> None:
-        try:
-            await stub.ReleaseKV(prefill_pb2.ReleaseKVRequest(request_id=request_id), timeout=2.0)
-        except grpc.aio.AioRpcError as exc:  # the prefill worker's TTL frees it anyway
-            log.warning("could not release KV of %s on its prefill worker: %s", request_id, exc.code().name)
+
+async def _first_result(call, address: str) -> prefill_pb2.PrefillResult:
+    try:
+        result = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise TransferError(f"prefill on {address} failed: {exc.code().name}: {exc.details()}") from exc
+    if result is grpc.aio.EOF:
+        raise TransferError(f"prefill on {address} ended without a result")
+    return result

@@ -24,13 +24,15 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens", 1,
+                                      self.max_tokens)
         if not self.temperature >= 0.0:  # also catches NaN
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature", 0,
+                                      self.temperature)
         if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p", "(0, 1]", self.top_p)
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", "top_k")
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}", "top_k", 0, self.top_k)
 
     @property
     def greedy(self) -> bool:

@@ -7,11 +7,18 @@ end, or both workers on one GPU, where NCCL refuses two ranks) a Gloo group move
 the host. Both ends pick the backend from the two KV layouts (`layout_check.transport_for`).
 The sender (prefill) is rank 0, the receiver rank 1. Every join, send and receive has a
 deadline, so a lost peer is an error, never a hang.
+
+A KV tensor ([layers, 2, tokens, kv heads, head_dim]) moves one layer per message, every layer
+posted at once, so the receiver can check each layer while the rest is still on the wire. Gloo
+fills a receive with a shorter message without complaint (the rest of the buffer is whatever was
+there), so a transfer's length and checksum are checked above the channel (decode/kv_receiver.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,23 @@ SENDER_RANK, RECEIVER_RANK = 0, 1
 
 class TransferError(UnavailableError):
     """A KV hand-off failed or ran past its deadline (retryable elsewhere)."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class KVIntegrityError(TransferError):
+    """Received KV that must not be used: reason is "checksum", "short", "timeout" or "lost"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message, timed_out=reason == "timeout")
+        self.reason = reason
+
+
+def layer_tag(tag: int, layer: int, num_layers: int) -> int:
+    """The Gloo tag of one layer of transfer `tag` (Gloo tags are 32-bit)."""
+    return (tag * num_layers + layer) % 2**31
 
 
 BACKENDS = ("gloo", "nccl")
@@ -69,49 +93,65 @@ class KVChannel:
             raise TransferError(f"KV channel {channel_id}: peer did not join within {timeout_s}s: {exc}") from exc
 
     def send(self, tensor: torch.Tensor, tag: int) -> None:
-        if self.backend == "gloo":
-            tensor = tensor.cpu().contiguous()  # host-staged when the KV is on a GPU
-            self._run(lambda: self._group.send([tensor], self.peer, tag), f"send tag {tag}")
-            return
-        with torch.cuda.device(self.device):
-            tensor = tensor.to(self.device).contiguous()
-            self._stream.wait_stream(torch.cuda.current_stream())  # the export's copy is done first
-            with torch.cuda.stream(self._stream):
-                self._run(lambda: self._group.send([tensor], self.peer, tag), f"send tag {tag}")
+        """Send tensor ([layers, ...]) as one message per layer; returns once all are out."""
+        tensor = tensor.to(self.device if self.backend == "nccl" else "cpu")  # Gloo: staged through the host
+        layers = list(tensor.contiguous())
+        with self._side_stream(wait_for_current=True):
+            self._run(lambda: [self._group.send([layer], self.peer, layer_tag(tag, i, len(layers)))
+                               for i, layer in enumerate(layers)], None, f"send tag {tag}")
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, tag: int) -> torch.Tensor:
-        """The peer's tensor: on the host over Gloo, on this end's GPU over NCCL."""
-        if self.backend == "gloo":
-            tensor = torch.empty(shape, dtype=dtype)
-            self._run(lambda: self._group.recv([tensor], self.peer, tag), f"receive tag {tag}")
-            return tensor
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            tensor = torch.empty(shape, dtype=dtype, device=self.device)
-            self._run(lambda: self._group.recv([tensor], self.peer, tag), f"receive tag {tag}")
-        tensor.record_stream(torch.cuda.default_stream(self.device))  # the engine reads it there
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, tag: int,
+             on_layer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Receive a [layers, ...] tensor (on the host over Gloo, on this end's GPU over NCCL);
+        on_layer(layer) runs on each layer as soon as it is in, in order, while later layers may
+        still be arriving."""
+        with self._side_stream(wait_for_current=False):
+            tensor = torch.empty(shape, dtype=dtype, device=self.device if self.backend == "nccl" else "cpu")
+            self._run(lambda: [self._group.recv([layer], self.peer, layer_tag(tag, i, shape[0]))
+                               for i, layer in enumerate(tensor)],
+                      (lambda i: on_layer(tensor[i])) if on_layer else None, f"receive tag {tag}")
+        if self.backend == "nccl":
+            tensor.record_stream(torch.cuda.default_stream(self.device))  # the engine reads it there
         return tensor
 
-    def _run(self, start, what: str) -> None:
+    @contextlib.contextmanager
+    def _side_stream(self, wait_for_current: bool):
+        """NCCL: run on this channel's stream (wait_for_current: after what the caller's stream
+        queued, e.g. the export's copy); Gloo: nothing to do."""
+        if self.backend != "nccl":
+            yield
+            return
+        with torch.cuda.device(self.device):
+            if wait_for_current:
+                self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                yield
+
+    def _run(self, start, after, what: str) -> None:
+        """Post every layer's operation, then wait for each in order (one deadline for all)."""
         if self.broken:
             raise TransferError(f"KV channel {self.channel_id} is broken; it must be reopened")
+        deadline = time.monotonic() + self.timeout_s
         try:
-            work = start()
-            if self.backend == "nccl":
-                self._await_nccl(work)
-            else:
-                work.wait(process_group.seconds(self.timeout_s))
+            for i, work in enumerate(start()):
+                self._wait(work, deadline)
+                if after is not None:
+                    after(i)
         except Exception as exc:
             self.broken = True  # after a timeout or a lost peer the pair cannot be trusted
-            raise TransferError(f"KV channel {self.channel_id}: {what} failed: {exc}") from exc
+            timed_out = "timed out" in str(exc).lower() or time.monotonic() >= deadline
+            raise TransferError(f"KV channel {self.channel_id}: {what} failed: {exc}", timed_out) from exc
 
-    def _await_nccl(self, work) -> None:
-        """NCCL's wait() only orders streams; the host polls for completion up to the deadline."""
-        deadline = time.monotonic() + self.timeout_s
+    def _wait(self, work, deadline: float) -> None:
+        if self.backend == "gloo":
+            work.wait(process_group.seconds(max(0.001, deadline - time.monotonic())))
+            return
+        # NCCL's wait() only orders streams: the host polls for completion up to the deadline.
         while not work.is_completed():
             if time.monotonic() > deadline:
                 abort = getattr(self._group, "abort", None) or getattr(self._group, "_abort", None)
                 if abort is not None:
                     abort()  # a kernel waiting for a lost peer would hold the GPU forever
-                raise TimeoutError(f"no completion within {self.timeout_s}s")
+                raise TimeoutError(f"timed out: no completion within {self.timeout_s}s")
             time.sleep(NCCL_POLL_S)
         work.wait()  # raises what the work recorded, if it failed

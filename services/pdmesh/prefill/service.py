@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import time
 
-from pdmesh import metrics
+from pdmesh import faults, metrics
 from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import UnavailableError
@@ -13,6 +16,8 @@ from pdmesh.kvtransfer.layout_check import check_layouts, transport_for
 from pdmesh.prefill.kv_sender import KVSender
 from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_from_pb
 from pdmesh.worker.runtime import WorkerState
+
+log = logging.getLogger(__name__)
 
 
 class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
@@ -29,18 +34,49 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         return prefill_pb2.OpenKVChannelResponse(layout=layout_to_pb(layout), backend=channel.backend)
 
     async def Prefill(self, request, context):
+        """Streams one PrefillResult, then stays open while the KV is held (see prefill.proto)."""
         if self.state.draining:
             raise UnavailableError(f"prefill worker {self.state.worker_id} is draining")
         layout = self.engine.layout
         check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
         self.state.requests_total += 1
+        request_id = request.request_id
+        phase = "prefill"
+        try:
+            output, seconds = await self._prefill(request)
+            finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
+            result = prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
+                                               num_tokens=len(request.prompt_token_ids), layout=layout_to_pb(layout),
+                                               prefill_seconds=seconds, worker_id=self.state.worker_id)
+            if finish_reason:
+                yield result
+                return
+            held = self.sender.hold(request_id)
+            phase = "held"
+            yield result
+            await held.freed.wait()  # PullKV, ReleaseKV or the TTL
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller cancelled, ran out of time or vanished: free the prompt's blocks now.
+            freed = self.sender.release(request_id)  # also a prompt the engine finished as we were cancelled
+            if phase == "prefill" or freed:
+                cause = "deadline" if (context.time_remaining() or 1) <= 0 else "cancel"
+                metrics.ABANDONED.labels(phase=phase, cause=cause).inc()
+                log.debug("request %s: caller gone while %s (%s); its KV is freed", request_id, phase, cause)
+            raise
+
+    async def _prefill(self, request):
         prompt = list(request.prompt_token_ids)
         start = time.perf_counter()
         self.state.queued_prompt_tokens += len(prompt)
         try:
-            output = await self.engine.prefill(
+            prefill = asyncio.ensure_future(self.engine.prefill(
                 EngineRequest(request.request_id, prompt, sampling_from_pb(request.sampling),
-                              output_offset=request.output_offset))
+                              output_offset=request.output_offset)))
+            if faults.hit("prefill_crash"):
+                await asyncio.sleep(0.01)  # the prompt is in the engine now
+                log.error("fault injection: prefill_crash; exiting mid-prefill")
+                os._exit(faults.CRASH_EXIT_CODE)
+            output = await prefill
         finally:
             self.state.queued_prompt_tokens -= len(prompt)
         seconds = time.perf_counter() - start
@@ -48,16 +84,17 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         metrics.PREFILL_TOKENS.inc(len(prompt))
         if output.queue_s is not None:
             metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
-        finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
-        if not finish_reason:
-            self.sender.hold(request.request_id)
-        return prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
-                                         num_tokens=len(prompt), layout=layout_to_pb(layout),
-                                         prefill_seconds=seconds)
+        return output, seconds
 
     async def PullKV(self, request, context):
-        nbytes, seconds = await self.sender.send(request.request_id, request.channel_id, request.tag)
-        return prefill_pb2.TransferDone(bytes=nbytes, seconds=seconds)
+        try:
+            sent = await self.sender.send(request.request_id, request.channel_id, request.tag)
+        except asyncio.CancelledError:
+            cause = "deadline" if (context.time_remaining() or 1) <= 0 else "cancel"
+            metrics.ABANDONED.labels(phase="transfer", cause=cause).inc()
+            raise
+        return prefill_pb2.TransferDone(bytes=sent.nbytes, seconds=sent.seconds, checksum=sent.checksum,
+                                        checksum_kind=sent.checksum_kind)
 
     async def ReleaseKV(self, request, context):
         return prefill_pb2.ReleaseKVResponse(released=self.sender.release(request.request_id) > 0)

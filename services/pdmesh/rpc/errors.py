@@ -17,7 +17,8 @@ Server side, `ErrorInterceptor` wraps every grpc.aio handler (unary and streamin
 | any other PdmeshError  | INTERNAL            |                                  |
 
 Every one also carries ErrorInfo(reason=<class name in UPPER_SNAKE without "Error">, domain
-"pdmesh"). A request body that does not parse as the method's message is INVALID_ARGUMENT (the
+"pdmesh"); an InvalidRequestError's ErrorInfo.metadata holds its `field`, `limit` and `value`
+(as strings) when the check that raised it knows them. A request body that does not parse as the method's message is INVALID_ARGUMENT (the
 deserializer is wrapped, so it never surfaces as UNKNOWN). Any other exception is a bug: its traceback is logged and the client gets INTERNAL with
 reason UNEXPECTED and no internals. The server keeps serving either way.
 
@@ -85,7 +86,7 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         _pack(status, error_details_pb2.ErrorInfo(reason=UNEXPECTED_REASON, domain=DOMAIN))
         return status
     status = _status(status_code(exc), str(exc))
-    _pack(status, error_details_pb2.ErrorInfo(reason=error_reason(exc), domain=DOMAIN))
+    _pack(status, error_details_pb2.ErrorInfo(reason=error_reason(exc), domain=DOMAIN, metadata=_info(exc)))
     if isinstance(exc, errors.InvalidRequestError):
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=exc.field, description=str(exc)
@@ -95,6 +96,16 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     if retry_after_s is not None:
         _pack(status, error_details_pb2.RetryInfo(retry_delay=_duration(retry_after_s)))
     return status
+
+
+def _info(exc: errors.PdmeshError) -> dict[str, str]:
+    """ErrorInfo metadata: an invalid request's field, limit and value, when it has them."""
+    info = {}
+    for name in ("field", "limit", "value"):
+        value = getattr(exc, name, None) if isinstance(exc, errors.InvalidRequestError) else None
+        if value is not None and value != "":
+            info[name] = str(value)
+    return info
 
 
 def _status(code: grpc.StatusCode, message: str) -> status_pb2.Status:

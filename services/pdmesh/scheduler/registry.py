@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pdmesh import metrics
 from pdmesh.errors import InvalidRequestError, NotFoundError
 from pdmesh.scheduler.circuit_breaker import CircuitBreaker
+from pdmesh.scheduler.pairing import Pairing, check_pairing
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class WorkerInfo:
     metrics_address: str = ""
     ranks: list = field(default_factory=list)  # (rank, pid, kv head ids) of its TP group
     restarts: int = 0  # times its supervisor restarted it
+    pairing: Pairing = field(default_factory=Pairing)  # model, engine kind, KV layout
     device: str = "cpu"  # its engine's device (rank 0's): "cpu" or "cuda:N"
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
@@ -64,11 +66,16 @@ class WorkerRegistry:
 
     def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
                  metrics_address: str = "", ranks: list | None = None, restarts: int = 0,
-                 device: str = "cpu") -> WorkerInfo:
+                 pairing: Pairing = Pairing(), device: str = "cpu") -> WorkerInfo:
+        """Add or update a worker; PairingError if it cannot pair with a live worker of the other role."""
         if role not in ("prefill", "decode"):
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
         if not worker_id or not address:
             raise InvalidRequestError("worker_id and address are required", "worker_id")
+        now = time.monotonic()
+        check_pairing(worker_id, role, pairing, [
+            (w.worker_id, w.role, w.pairing) for w in self.workers.values()
+            if w.role != role and w.worker_id != worker_id and w.age(now) <= self.heartbeat_timeout_s])
         info = self.workers.get(worker_id)
         if info is None:
             info = self.workers[worker_id] = WorkerInfo(worker_id, role, address)
@@ -79,6 +86,7 @@ class WorkerRegistry:
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
         info.ranks = list(ranks or [])
         info.restarts, info.device = restarts, device
+        info.pairing = pairing
         info.breaker = CircuitBreaker()  # a (re)started worker starts trusted
         self._report(info, load)
         return info

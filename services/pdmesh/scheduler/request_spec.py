@@ -1,4 +1,4 @@
-"""A client's GenerateRequest checked, tokenized and capped: the plain object the scheduler runs.
+"""A client's GenerateRequest (plain Python) checked, tokenized and capped: the plain object the scheduler runs.
 
 Every check names the field, the limit and the value; nothing reaches a worker unchecked.
 """
@@ -14,6 +14,7 @@ from pdmesh.engine.model_config import ModelConfig
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.tokenizer import Tokenizer
 from pdmesh.errors import InvalidRequestError, NotFoundError
+from pdmesh.scheduler.generate_request import GenerateRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = SchedulerConfig().max_stop_strings  # defaults of the flags
@@ -89,7 +90,7 @@ def prompt_ids_from(model: ModelInfo, prompt: str, messages, token_ids) -> list[
     for i, t in enumerate(ids):
         if not 0 <= t < vocab:
             raise InvalidRequestError(f"prompt_token_ids[{i}] is {t}; token ids must be in [0, {vocab:,})",
-                                      f"prompt_token_ids[{i}]")
+                                      f"prompt_token_ids[{i}]", limit=vocab - 1, value=t)
     return ids
 
 
@@ -98,27 +99,29 @@ def check_model(model: ModelInfo, name: str) -> None:
         raise NotFoundError(f"model {name[:100]!r} is not served here; this cluster serves {model.name!r}")
 
 
-def build_spec(pb, model: ModelInfo, caps: Caps) -> GenerationSpec:
-    """From a scheduler_pb2.GenerateRequest: every cap checked, the prompt tokenized."""
-    check_model(model, pb.model)
-    if len(pb.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequestError(f"request_id has {len(pb.request_id)} characters; the limit is "
-                                  f"{MAX_REQUEST_ID_CHARS}", "request_id")
-    _check_stop(pb.stop, caps)
-    prompt_ids = prompt_ids_from(model, pb.prompt, pb.messages, pb.prompt_token_ids)
+def build_spec(request: GenerateRequest, model: ModelInfo, caps: Caps) -> GenerationSpec:
+    """Every cap checked, the prompt tokenized."""
+    check_model(model, request.model)
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(f"request_id has {len(request.request_id)} characters; the limit is "
+                                  f"{MAX_REQUEST_ID_CHARS}", "request_id", MAX_REQUEST_ID_CHARS,
+                                  len(request.request_id))
+    _check_stop(request.stop, caps)
+    prompt_ids = prompt_ids_from(model, request.prompt, request.messages, request.prompt_token_ids)
     if not prompt_ids:
         raise InvalidRequestError("prompt is empty after tokenization", "prompt")
     n = len(prompt_ids)
     if n > caps.max_prompt_tokens:
         limit = "max-model-len is" if caps.max_prompt_tokens == caps.max_model_len - 1 else "max-prompt-tokens is"
         bound = caps.max_model_len if limit.startswith("max-model") else caps.max_prompt_tokens
-        raise InvalidRequestError(f"prompt has {n:,} tokens; {limit} {bound:,}", "prompt")
+        raise InvalidRequestError(f"prompt has {n:,} tokens; {limit} {bound:,}", "prompt", caps.max_prompt_tokens, n)
     room = caps.max_model_len - n
-    max_tokens = _max_tokens(pb, n, room, caps)
-    params = SamplingParams(max_tokens=max_tokens, temperature=pb.temperature,
-                            top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
-                            seed=pb.seed if pb.HasField("seed") else None, ignore_eos=pb.ignore_eos)
-    return GenerationSpec(pb.request_id or new_request_id(), prompt_ids, params, tuple(pb.stop), pb.priority)
+    max_tokens = _max_tokens(request, n, room, caps)
+    params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature,
+                            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k,
+                            seed=request.seed, ignore_eos=request.ignore_eos)
+    return GenerationSpec(request.request_id or new_request_id(), prompt_ids, params, tuple(request.stop),
+                          request.priority)
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]  # unique per scheduler process; a counter makes each id unique in it
@@ -129,29 +132,31 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids)}"
 
 
-def _max_tokens(pb, num_prompt: int, room: int, caps: Caps) -> int:
-    if not pb.HasField("max_tokens"):
+def _max_tokens(request: GenerateRequest, num_prompt: int, room: int, caps: Caps) -> int:
+    if request.max_tokens is None:
         return min(caps.default_max_tokens, caps.max_output_tokens, room)
-    max_tokens = pb.max_tokens
+    max_tokens = request.max_tokens
     if max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; it must be at least 1", "max_tokens")
+        raise InvalidRequestError(f"max_tokens is {max_tokens:,}; it must be at least 1", "max_tokens", 1, max_tokens)
     if max_tokens > caps.max_output_tokens:
         raise InvalidRequestError(f"max_tokens is {max_tokens:,}; max-output-tokens is {caps.max_output_tokens:,}",
-                                  "max_tokens")
+                                  "max_tokens", caps.max_output_tokens, max_tokens)
     if max_tokens > room:
         raise InvalidRequestError(
             f"prompt has {num_prompt:,} tokens and max_tokens is {max_tokens:,}: "
-            f"{num_prompt + max_tokens:,} exceeds max-model-len {caps.max_model_len:,}", "max_tokens")
+            f"{num_prompt + max_tokens:,} exceeds max-model-len {caps.max_model_len:,}", "max_tokens",
+            room, max_tokens)
     return max_tokens
 
 
 def _check_stop(stop, caps: Caps) -> None:
     if len(stop) > caps.max_stop_strings:
         raise InvalidRequestError(f"stop has {len(stop):,} strings; the limit is {caps.max_stop_strings:,} "
-                                  "(--max-stop-strings)", "stop")
+                                  "(--max-stop-strings)", "stop", caps.max_stop_strings, len(stop))
     for i, s in enumerate(stop):
         if not s:
             raise InvalidRequestError(f"stop[{i}] is empty", f"stop[{i}]")
         if len(s) > caps.max_stop_string_chars:
             raise InvalidRequestError(f"stop[{i}] has {len(s):,} characters; the limit is "
-                                      f"{caps.max_stop_string_chars:,} (--max-stop-string-chars)", f"stop[{i}]")
+                                      f"{caps.max_stop_string_chars:,} (--max-stop-string-chars)", f"stop[{i}]",
+                                      caps.max_stop_string_chars, len(s))

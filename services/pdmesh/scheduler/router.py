@@ -65,7 +65,7 @@ class Router:
         if all(w.load.kv_blocks_total < blocks_for(num_tokens, w.load.block_size) for w in candidates):
             most = max(w.load.kv_blocks_total * w.load.block_size for w in candidates)
             raise InvalidRequestError(f"prompt + max_tokens is {num_tokens:,} tokens; the largest decode worker's "
-                                      f"KV cache holds {most:,}", "max_tokens")
+                                      f"KV cache holds {most:,}", "max_tokens", most, num_tokens)
         fits = [w for w in candidates if free_blocks(w) >= blocks_for(num_tokens, w.load.block_size)]
         if not fits:
             best = max(free_blocks(w) for w in candidates)
@@ -80,6 +80,15 @@ class Router:
             raise UnavailableError("no healthy prefill worker is registered")
         return min(candidates, key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
 
+    def pick_prefill_for(self, num_prompt_tokens: int, local_threshold: int) -> WorkerInfo | None:
+        """The prefill worker for a prompt, or None: the decode worker prefills it itself (a prompt
+        under local_threshold, or no prefill worker routable now, e.g. while one restarts)."""
+        if num_prompt_tokens < local_threshold:
+            return None
+        try:
+            return self.pick_prefill()
+        except UnavailableError:
+            return None
 
     def prefill_fallbacks(self, chosen: WorkerInfo, limit: int = 2) -> list[str]:
         """Addresses of other routable prefill workers, least loaded first, to try if chosen fails."""

@@ -2,90 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
-from pdmesh import metrics, tracing
-from pdmesh.errors import PdmeshError, ResourceExhaustedError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from pdmesh.rpc.cluster_auth import CLUSTER_SECRET_KEY
+from pdmesh.scheduler.pairing import Pairing
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
-from pdmesh.scheduler.admission_control import AdmissionControl
-from pdmesh.scheduler.request_spec import Caps, ModelInfo, build_spec, check_model, prompt_ids_from
-from pdmesh.scheduler.stream import MeshStream
-
-
-class ClientStalledError(ResourceExhaustedError):
-    """The client stopped reading its stream."""
+from pdmesh.scheduler.front_door import Credentials, FrontDoor
+from pdmesh.scheduler.generate_request import ChatMessage, GenerateRequest
+from pdmesh.scheduler.request_spec import check_model, prompt_ids_from
+from pdmesh.scheduler.stream import Delta, Route
+from pdmesh.worker.convert import layout_from_pb
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, model: ModelInfo, caps: Caps, registry: WorkerRegistry, admission: AdmissionControl,
-                 stream: MeshStream, restarts: int = 0, stall_timeout_s: float = 30.0):
-        self.model = model
-        self.restarts = restarts
-        self.stall_timeout_s = stall_timeout_s
-        self.caps = caps
+    """pdmesh.v1.Scheduler: protobuf in and out; every request goes through the FrontDoor."""
+
+    def __init__(self, front_door: FrontDoor, registry: WorkerRegistry, restarts: int = 0):
+        self.front_door = front_door
+        self.model = front_door.model
+        self.admission = front_door.admission
         self.registry = registry
-        self.admission = admission
-        self.stream = stream
-        self.running = 0
-        self.accepting = True
+        self.restarts = restarts
 
     async def Generate(self, request, context):
-        arrived = time.perf_counter()
-        if not self.accepting:
-            raise UnavailableError("the scheduler is shutting down")
-        tenant = self.admission.authenticate(*_credentials(context))
-        try:
-            with tracing.span("tokenize"):
-                spec = build_spec(request, self.model, self.caps)
-        except PdmeshError:
-            metrics.REJECTIONS.labels(reason="invalid").inc()
-            raise
-        with tracing.span("admission", prompt_tokens=len(spec.prompt_ids), tenant=tenant.name):
-            assignment = await self.admission.admit(spec, tenant, context.time_remaining())
-        self.running += 1
-        metrics.RUNNING.set(self.running)
-        metrics.PROMPT_TOKENS.inc(len(spec.prompt_ids))
-        outcome, generated = "error", 0
-        deltas = self.stream.run(spec, assignment, arrived, context.time_remaining())
-        try:
-            async with contextlib.aclosing(deltas):  # leaving early cancels the worker call: KV freed
-                async for delta in deltas:
-                    generated += len(delta.token_ids)
-                    response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
-                                                              finish_reason=delta.finish_reason,
-                                                              request_id=spec.request_id)
-                    if delta.finish_reason:
-                        outcome = delta.finish_reason
-                        response.usage.prompt_tokens = delta.prompt_tokens
-                        response.usage.completion_tokens = delta.completion_tokens
-                    await self._send(context, response)
-        except ClientStalledError:
-            outcome = "stalled"
-            raise
-        finally:
-            if outcome == "error" and context.cancelled():
-                outcome = "cancelled"
-            self.admission.finish(tenant, spec.params.max_tokens - generated)
-            metrics.REQUESTS.labels(outcome=outcome).inc()
-            self.running -= 1
-            metrics.RUNNING.set(self.running)
-
-    async def _send(self, context, response) -> None:
-        """Write one message; a client that has read nothing for stall_timeout_s (HTTP/2 flow
-        control holds the write) is cut off, so a reader that never reads holds no KV for long.
-        Not wait_for(): it would wait for the cancelled write, which only ends when the client reads."""
-        write = asyncio.ensure_future(context.write(response))
-        done, _ = await asyncio.wait((write,), timeout=self.stall_timeout_s)
-        if not done:
-            write.cancel()
-            metrics.REJECTIONS.labels(reason="client_stalled").inc()
-            raise ClientStalledError(f"the client read nothing of its stream for {self.stall_timeout_s:g}s "
-                                     "(--client-stall-timeout); the request was cancelled")
-        write.result()
+        async with self.front_door.open(request_from_pb(request), _credentials(context),
+                                        context.time_remaining()) as run:
+            try:
+                async for delta in run.deltas():
+                    await self.front_door.send(context.write(_response_to_pb(delta, run.spec.request_id)))
+            finally:
+                if run.outcome == "error" and context.cancelled():
+                    run.outcome = "cancelled"
 
     async def ListModels(self, request, context):
         m = self.model
@@ -98,7 +46,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.CountTokensResponse(num_tokens=len(ids), token_ids=ids)
 
     async def GetClusterStatus(self, request, context):
-        self.admission.authorize_admin(*_credentials(context))
+        credentials = _credentials(context)
+        self.admission.authorize_admin(credentials.authorization, credentials.cluster_secret)
         now = time.monotonic()
         workers = []
         for w in self.registry.workers.values():
@@ -113,7 +62,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 device=w.device, gpu_memory_used_bytes=w.load.gpu_memory_used_bytes,
                 ranks=[scheduler_pb2.WorkerRank(rank=r, pid=pid, kv_head_ids=list(heads))
                        for r, pid, heads in w.ranks]))
-        return scheduler_pb2.ClusterStatus(workers=workers, running=self.running,
+        return scheduler_pb2.ClusterStatus(workers=workers, running=self.front_door.num_running,
                                            queued=self.admission.dispatcher.queue.num_requests,
                                            scheduler_restarts=self.restarts)
 
@@ -128,6 +77,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
                                load_from_pb(request.load), request.metrics_address,
                                [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts,
+                               Pairing(request.model, request.engine or "pdmesh",
+                                       layout_from_pb(request.layout) if request.HasField("layout") else None),
                                request.device or "cpu")
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
@@ -137,10 +88,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.HeartbeatResponse()
 
 
-def _credentials(context) -> tuple[str | None, str | None]:
-    """(authorization, cluster secret) from the call's metadata."""
+def _credentials(context) -> Credentials:
+    """What the call's metadata presents: authorization and the cluster secret."""
     found = dict(context.invocation_metadata() or ())
-    return found.get("authorization"), found.get(CLUSTER_SECRET_KEY)
+    return Credentials(found.get("authorization"), found.get(CLUSTER_SECRET_KEY))
+
+
+def request_from_pb(pb: scheduler_pb2.GenerateRequest) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=pb.prompt, messages=tuple(ChatMessage(m.role, m.content) for m in pb.messages),
+        prompt_token_ids=tuple(pb.prompt_token_ids), model=pb.model,
+        max_tokens=pb.max_tokens if pb.HasField("max_tokens") else None, temperature=pb.temperature,
+        top_p=pb.top_p if pb.HasField("top_p") else None, top_k=pb.top_k,
+        seed=pb.seed if pb.HasField("seed") else None, stop=tuple(pb.stop), ignore_eos=pb.ignore_eos,
+        priority=pb.priority, request_id=pb.request_id)
+
+
+def _response_to_pb(delta: Delta, request_id: str) -> scheduler_pb2.GenerateResponse:
+    response = scheduler_pb2.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
+                                              finish_reason=delta.finish_reason, request_id=request_id)
+    if delta.finish_reason:
+        response.usage.prompt_tokens = delta.prompt_tokens
+        response.usage.completion_tokens = delta.completion_tokens
+        if delta.route is not None:
+            response.route.CopyFrom(route_to_pb(delta.route))
+    return response
 
 
 def load_from_pb(pb) -> WorkerLoad:
@@ -148,3 +120,9 @@ def load_from_pb(pb) -> WorkerLoad:
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
                       block_size=pb.block_size or 16, state=pb.state or "serving",
                       requests_total=pb.requests_total, gpu_memory_used_bytes=pb.gpu_memory_used_bytes)
+
+
+def route_to_pb(route: Route) -> scheduler_pb2.Route:
+    return scheduler_pb2.Route(prefill_worker_id=route.prefill_worker_id, decode_worker_ids=route.decode_worker_ids,
+                               prefill_fallbacks=route.prefill_fallbacks, resumes=route.resumes,
+                               kv_recomputes=route.kv_recomputes)

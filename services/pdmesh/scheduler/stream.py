@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -33,20 +34,42 @@ from pdmesh.scheduler.router import Assignment, Router
 from pdmesh.scheduler.stop_strings import StopStringMatcher
 from pdmesh.worker.convert import sampling_to_pb
 
+log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4  # decode workers one request may try
 REASSIGN_WAIT_S = 10.0  # how long a moved request waits for room on another decode worker
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass(slots=True)
+class Route:
+    """The path of one answer through the mesh (GenerateResponse.route on the last chunk)."""
+
+    prefill_worker_id: str = ""  # of the last decode worker's prefill; empty: it prefilled locally
+    decode_worker_ids: list[str] = field(default_factory=list)
+    prefill_fallbacks: int = 0
+    kv_recomputes: int = 0
+
+    @property
+    def resumes(self) -> int:
+        return max(0, len(self.decode_worker_ids) - 1)
+
+    def add_prefill(self, info) -> None:
+        """Fold in a decode worker's PrefillInfo (its first chunk)."""
+        self.prefill_worker_id = info.prefill_worker_id
+        self.prefill_fallbacks += info.prefill_fallbacks
+        self.kv_recomputes += info.kv_recomputes
+
+
+@dataclass(slots=True)
 class Delta:
-    """A piece of the client's stream; finish_reason and usage only on the last one."""
+    """A piece of the client's stream; finish_reason, usage and route only on the last one."""
 
     text: str
     token_ids: list[int]
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    route: Route | None = None
 
 
 @dataclass
@@ -58,6 +81,7 @@ class _Progress:
     generated: list[int] = field(default_factory=list)
     last_chunk: float | None = None
     failed_decode: set[str] = field(default_factory=set)
+    route: Route = field(default_factory=Route)
 
 
 class WorkerClients:
@@ -112,6 +136,7 @@ class MeshStream:
         call = self.clients.decode(assignment.decode.address).Generate(request, timeout=_left(deadline),
                                                                        metadata=tracing.inject(
                                                                            self.clients.credentials.metadata()))
+        progress.route.decode_worker_ids.append(assignment.decode.worker_id)
         started = False
         try:
             async for chunk in call:
@@ -135,6 +160,8 @@ class MeshStream:
         else:
             metrics.INTER_TOKEN_LATENCY.observe(now - progress.last_chunk)
         progress.last_chunk = now
+        if chunk.HasField("prefill"):
+            progress.route.add_prefill(chunk.prefill)
         token_ids = list(chunk.token_ids)
         progress.generated += token_ids
         stops = progress.stops
@@ -146,7 +173,11 @@ class MeshStream:
             text += stops.feed(progress.detokenizer.flush()) + stops.flush()
         metrics.E2E_LATENCY.observe(now - arrived)
         metrics.GENERATION_TOKENS.inc(len(progress.generated))
-        return Delta(text, token_ids, finish, len(spec.prompt_ids), len(progress.generated))
+        route = progress.route
+        log.debug("request %s route: prefill %s, decode %s, prefill_fallbacks %d, resumes %d, kv_recomputes %d",
+                  spec.request_id, route.prefill_worker_id or "local", ",".join(route.decode_worker_ids),
+                  route.prefill_fallbacks, route.resumes, route.kv_recomputes)
+        return Delta(text, token_ids, finish, len(spec.prompt_ids), len(progress.generated), route)
 
     def _count_failure(self, assignment: Assignment, exc: grpc.aio.AioRpcError, progress: _Progress) -> None:
         decode = assignment.decode
@@ -165,7 +196,7 @@ class MeshStream:
         while True:
             try:
                 decode = self.router.pick_decode(spec.num_tokens, exclude=frozenset(progress.failed_decode))
-                prefill = None if prompt_len < self.local_prefill_threshold else self.router.pick_prefill()
+                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold)
                 return Assignment(decode, prefill, prompt_len, spec.num_tokens)
             except (ResourceExhaustedError, UnavailableError) as exc:
                 now = time.monotonic()

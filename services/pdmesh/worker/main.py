@@ -9,7 +9,7 @@ import threading
 
 import uvloop
 
-from pdmesh import metrics, tracing
+from pdmesh import faults, metrics, tracing
 from pdmesh.config import WorkerConfig
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.decode.service import DecodeWorkerServicer
@@ -31,6 +31,7 @@ def run_worker(config: WorkerConfig, grace_s: float = 30.0) -> None:
     """The engine steps on this (main) thread; gRPC, registration and draining run on an asyncio
     loop in a second thread. SIGINT/SIGTERM start the drain; the engine stops after it."""
     config.security.require()
+    faults.install(faults.parse(config.faults))
     tracing.setup(f"pdmesh-{config.role}", config.otlp_endpoint)
     engine = start_engine(config, logging.getLevelName(logging.getLogger().level))
     stop = _StopSignal()

@@ -27,6 +27,7 @@ class Registration:
         self.load = load
         self.interval_s = interval_s
         self.registered = asyncio.Event()
+        self.refused = ""  # why the scheduler refused us (FAILED_PRECONDITION), logged once per reason
 
     async def run(self) -> None:
         async with internal_channel(self.scheduler_address, self.credentials) as channel:
@@ -35,7 +36,11 @@ class Registration:
                 try:
                     await self._beat(stub)
                 except grpc.aio.AioRpcError as exc:
-                    if self.registered.is_set():
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        if exc.details() != self.refused:
+                            log.error("scheduler %s refused this worker: %s", self.scheduler_address, exc.details())
+                        self.refused = exc.details()
+                    elif self.registered.is_set():
                         log.warning("scheduler %s: %s; registering again", self.scheduler_address, exc.code().name)
                     self.registered.clear()
                 await asyncio.sleep(self.interval_s)

@@ -107,4 +107,4 @@ class WorkerState:
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.layout),
                                             metrics_address=self.metrics_address, restarts=self.config.restarts,
-                                            device=str(self.engine.device))
+                                            engine=self.engine.kind, device=str(self.engine.device))

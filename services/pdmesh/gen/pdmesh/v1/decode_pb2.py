@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.gen.pdmesh.v1 import worker_pb2 as pdmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\xbe\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\"\n\x1a\x66\x61llback_prefill_addresses\x18\x05 \x03(\t\x12\x15\n\routput_offset\x18\x06 \x01(\x03\"`\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\'\n\x07prefill\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.PrefillInfo\"d\n\x0bPrefillInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x15\n\rhandoff_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fhandoff_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x32\x8a\x01\n\x0c\x44\x65\x63odeWorker\x12>\n\x08Generate\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\xbe\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\"\n\x1a\x66\x61llback_prefill_addresses\x18\x05 \x03(\t\x12\x15\n\routput_offset\x18\x06 \x01(\x03\"`\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\'\n\x07prefill\x18\x03 \x01(\x0b\x32\x16.pdmesh.v1.PrefillInfo\"\xb1\x01\n\x0bPrefillInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x15\n\rhandoff_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fhandoff_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x19\n\x11prefill_worker_id\x18\x05 \x01(\t\x12\x19\n\x11prefill_fallbacks\x18\x06 \x01(\x05\x12\x15\n\rkv_recomputes\x18\x07 \x01(\x05\x32\x8a\x01\n\x0c\x44\x65\x63odeWorker\x12>\n\x08Generate\x12\x18.pdmesh.v1.DecodeRequest\x1a\x16.pdmesh.v1.DecodeChunk0\x01\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_end=252
   _globals['_DECODECHUNK']._serialized_start=254
   _globals['_DECODECHUNK']._serialized_end=350
-  _globals['_PREFILLINFO']._serialized_start=352
-  _globals['_PREFILLINFO']._serialized_end=452
-  _globals['_DECODEWORKER']._serialized_start=455
-  _globals['_DECODEWORKER']._serialized_end=593
+  _globals['_PREFILLINFO']._serialized_start=353
+  _globals['_PREFILLINFO']._serialized_end=530
+  _globals['_DECODEWORKER']._serialized_start=533
+  _globals['_DECODEWORKER']._serialized_end=671
 # @@protoc_insertion_point(module_scope)

@@ -34,13 +34,19 @@ class DecodeChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., prefill: _Optional[_Union[PrefillInfo, _Mapping]] = ...) -> None: ...
 
 class PrefillInfo(_message.Message):
-    __slots__ = ("mode", "handoff_bytes", "handoff_seconds", "prefill_seconds")
+    __slots__ = ("mode", "handoff_bytes", "handoff_seconds", "prefill_seconds", "prefill_worker_id", "prefill_fallbacks", "kv_recomputes")
     MODE_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    KV_RECOMPUTES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     handoff_bytes: int
     handoff_seconds: float
     prefill_seconds: float
-    def __init__(self, mode: _Optional[str] = ..., handoff_bytes: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    prefill_worker_id: str
+    prefill_fallbacks: int
+    kv_recomputes: int
+    def __init__(self, mode: _Optional[str] = ..., handoff_bytes: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., prefill_worker_id: _Optional[str] = ..., prefill_fallbacks: _Optional[int] = ..., kv_recomputes: _Optional[int] = ...) -> None: ...

@@ -46,18 +46,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., output_offset: _Optional[int] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token", "finish_reason", "num_tokens", "layout", "prefill_seconds")
+    __slots__ = ("first_token", "finish_reason", "num_tokens", "layout", "prefill_seconds", "worker_id")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     finish_reason: str
     num_tokens: int
     layout: _worker_pb2.KVLayout
     prefill_seconds: float
-    def __init__(self, first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
     __slots__ = ("request_id", "channel_id", "tag")
@@ -70,12 +72,16 @@ class PullKVRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., channel_id: _Optional[str] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class TransferDone(_message.Message):
-    __slots__ = ("bytes", "seconds")
+    __slots__ = ("bytes", "seconds", "checksum", "checksum_kind")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_KIND_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     seconds: float
-    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    checksum: int
+    checksum_kind: str
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., checksum: _Optional[int] = ..., checksum_kind: _Optional[str] = ...) -> None: ...
 
 class ReleaseKVRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -40,7 +40,7 @@ class PrefillWorkerStub:
                 request_serializer=pdmesh_dot_v1_dot_prefill__pb2.OpenKVChannelRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_prefill__pb2.OpenKVChannelResponse.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/pdmesh.v1.PrefillWorker/Prefill',
                 request_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillResult.FromString,
@@ -74,15 +74,19 @@ class PrefillWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
-        """/ Prefills a prompt and holds its KV until PullKV or ReleaseKV (or a TTL) frees it.
+        """/ Prefills a prompt and streams one PrefillResult. The prompt's KV stays held while this call
+        / is open: PullKV or ReleaseKV frees it and ends the call; a caller that cancels the call (or
+        / vanishes) frees it at once. The held-kv-ttl is only a backstop.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PullKV(self, request, context):
-        """/ Sends a held KV on the channel (the caller has posted the receive) and frees it.
-        / The decode worker pulls one transfer at a time per channel, so both ends agree on the order.
+        """/ Sends a held KV on the channel (the caller has posted the receive) and frees it. The KV goes
+        / one layer per message; TransferDone carries a checksum of what was sent, which the caller
+        / verifies before the sequence joins its batch. The decode worker pulls one transfer at a time
+        / per channel, so both ends agree on the order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +114,7 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     request_deserializer=pdmesh_dot_v1_dot_prefill__pb2.OpenKVChannelRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_prefill__pb2.OpenKVChannelResponse.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_prefill__pb2.PrefillResult.SerializeToString,
@@ -179,7 +183,7 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/pdmesh.v1.PrefillWorker/Prefill',

@@ -54,7 +54,8 @@ class RegistryServicer:
     """
 
     def Register(self, request, context):
-        """/ Adds (or re-adds) a worker to the cluster.
+        """/ Adds (or re-adds) a worker to the cluster. FAILED_PRECONDITION, naming both sides, when its
+        / model, engine kind or KV layout cannot pair with a live worker of the other role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\x03\x12\x11\n\x04seed\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\nrequest_id\x18\r \x01(\tB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\x7f\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\x13\n\x11ListModelsRequest\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.pdmesh.v1.Model\"]\n\x12\x43ountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\"<\n\x13\x43ountTokensResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x19\n\x17GetClusterStatusRequest\"\x97\x03\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\x03\x12\x0e\n\x06queued\x18\x06 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x03\x12\x1c\n\x14queued_prompt_tokens\x18\t \x01(\x03\x12\x0f\n\x07tp_size\x18\n \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x0b \x01(\x01\x12\r\n\x05state\x18\x0c \x01(\t\x12\x17\n\x0fmetrics_address\x18\r \x01(\t\x12\x16\n\x0erequests_total\x18\x0e \x01(\x03\x12$\n\x05ranks\x18\x0f \x03(\x0b\x32\x15.pdmesh.v1.WorkerRank\x12\x10\n\x08restarts\x18\x10 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x1d\n\x15gpu_memory_used_bytes\x18\x12 \x01(\x03\"<\n\nWorkerRank\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0bkv_head_ids\x18\x03 \x03(\x05\"v\n\rClusterStatus\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12\x0e\n\x06queued\x18\x03 \x01(\x03\x12\x1a\n\x12scheduler_restarts\x18\x04 \x01(\x03\x32\xbd\x02\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\x12L\n\x0b\x43ountTokens\x12\x1d.pdmesh.v1.CountTokensRequest\x1a\x1e.pdmesh.v1.CountTokensResponse\x12P\n\x10GetClusterStatus\x12\".pdmesh.v1.GetClusterStatusRequest\x1a\x18.pdmesh.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\x03\x12\x11\n\x04seed\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\nrequest_id\x18\r \x01(\tB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa0\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1f\n\x05route\x18\x06 \x01(\x0b\x32\x10.pdmesh.v1.Route\"\x80\x01\n\x05Route\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65\x63ode_worker_ids\x18\x02 \x03(\t\x12\x19\n\x11prefill_fallbacks\x18\x03 \x01(\x05\x12\x0f\n\x07resumes\x18\x04 \x01(\x05\x12\x15\n\rkv_recomputes\x18\x05 \x01(\x05\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\x13\n\x11ListModelsRequest\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.pdmesh.v1.Model\"]\n\x12\x43ountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\"<\n\x13\x43ountTokensResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x03\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"\x19\n\x17GetClusterStatusRequest\"\x97\x03\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\x03\x12\x0e\n\x06queued\x18\x06 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x03\x12\x1c\n\x14queued_prompt_tokens\x18\t \x01(\x03\x12\x0f\n\x07tp_size\x18\n \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x0b \x01(\x01\x12\r\n\x05state\x18\x0c \x01(\t\x12\x17\n\x0fmetrics_address\x18\r \x01(\t\x12\x16\n\x0erequests_total\x18\x0e \x01(\x03\x12$\n\x05ranks\x18\x0f \x03(\x0b\x32\x15.pdmesh.v1.WorkerRank\x12\x10\n\x08restarts\x18\x10 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x1d\n\x15gpu_memory_used_bytes\x18\x12 \x01(\x03\"<\n\nWorkerRank\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0bkv_head_ids\x18\x03 \x03(\x05\"v\n\rClusterStatus\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12\x0e\n\x06queued\x18\x03 \x01(\x03\x12\x1a\n\x12scheduler_restarts\x18\x04 \x01(\x03\x32\xbd\x02\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\x12L\n\x0b\x43ountTokens\x12\x1d.pdmesh.v1.CountTokensRequest\x1a\x1e.pdmesh.v1.CountTokensResponse\x12P\n\x10GetClusterStatus\x12\".pdmesh.v1.GetClusterStatusRequest\x1a\x18.pdmesh.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_GENERATEREQUEST']._serialized_start=87
   _globals['_GENERATEREQUEST']._serialized_end=409
-  _globals['_GENERATERESPONSE']._serialized_start=411
-  _globals['_GENERATERESPONSE']._serialized_end=538
-  _globals['_USAGE']._serialized_start=540
-  _globals['_USAGE']._serialized_end=597
-  _globals['_LISTMODELSREQUEST']._serialized_start=599
-  _globals['_LISTMODELSREQUEST']._serialized_end=618
-  _globals['_MODEL']._serialized_start=620
-  _globals['_MODEL']._serialized_end=682
-  _globals['_LISTMODELSRESPONSE']._serialized_start=684
-  _globals['_LISTMODELSRESPONSE']._serialized_end=738
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=740
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=833
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=835
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=895
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=897
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=922
-  _globals['_WORKERSTATUS']._serialized_start=925
-  _globals['_WORKERSTATUS']._serialized_end=1332
-  _globals['_WORKERRANK']._serialized_start=1334
-  _globals['_WORKERRANK']._serialized_end=1394
-  _globals['_CLUSTERSTATUS']._serialized_start=1396
-  _globals['_CLUSTERSTATUS']._serialized_end=1514
-  _globals['_SCHEDULER']._serialized_start=1517
-  _globals['_SCHEDULER']._serialized_end=1834
+  _globals['_GENERATERESPONSE']._serialized_start=412
+  _globals['_GENERATERESPONSE']._serialized_end=572
+  _globals['_ROUTE']._serialized_start=575
+  _globals['_ROUTE']._serialized_end=703
+  _globals['_USAGE']._serialized_start=705
+  _globals['_USAGE']._serialized_end=762
+  _globals['_LISTMODELSREQUEST']._serialized_start=764
+  _globals['_LISTMODELSREQUEST']._serialized_end=783
+  _globals['_MODEL']._serialized_start=785
+  _globals['_MODEL']._serialized_end=847
+  _globals['_LISTMODELSRESPONSE']._serialized_start=849
+  _globals['_LISTMODELSRESPONSE']._serialized_end=903
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=905
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=998
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1000
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1060
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1062
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1087
+  _globals['_WORKERSTATUS']._serialized_start=1090
+  _globals['_WORKERSTATUS']._serialized_end=1497
+  _globals['_WORKERRANK']._serialized_start=1499
+  _globals['_WORKERRANK']._serialized_end=1559
+  _globals['_CLUSTERSTATUS']._serialized_start=1561
+  _globals['_CLUSTERSTATUS']._serialized_end=1679
+  _globals['_SCHEDULER']._serialized_start=1682
+  _globals['_SCHEDULER']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)
