@@ -2,6 +2,7 @@
 
     python tools/bench_engine.py [--engines pdmesh,hf,vllm] [--dtypes float32,bfloat16]
                                  [--new-tokens 64] [--repeats 2] [--vllm-eager]
+    python tools/bench_engine.py --device cuda [...]   # on a GPU: tools/bench_gpu.py says what it runs
 
 Each engine runs in its own child process (this script with --only ENGINE), so the peak RSS in the
 table is that engine's alone; all get the same token-id prompts (16 prompts of 5-40 tokens from
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_gpu
 from bench_common import (best_time, compare_outputs, emit_result, format_table, load_prompts, log,
                           make_prompts, peak_rss_mb, ratio, run_child, save_prompts)
 
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep vLLM's engine-core process (default: VLLM_ENABLE_V1_MULTIPROCESSING=0, one "
                         "process; VLLM_CPU_OMP_THREADS_BIND only takes effect with --vllm-mp)")
     p.add_argument("--hf-dir", default=DEFAULT_HF_DIR, help="HF export of the GGUF that vLLM loads")
+    p.add_argument("--device", default="cpu", help="cpu (this table), or cuda / cuda:N (tools/bench_gpu.py)")
+    bench_gpu.add_args(p)
     p.add_argument("--only", choices=ENGINES, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -314,7 +318,9 @@ def parent_main(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # the table after the children's stderr, not before
-    if args.only:
+    if args.device != "cpu" or args.gpu_child:
+        bench_gpu.main(args)
+    elif args.only:
         child_main(args)
     else:
         parent_main(args)

@@ -26,6 +26,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--eager", action="store_true", help="enforce_eager=True (no torch.compile)")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--skip-tokenizer-init", action="store_true", help="token-id prompts only (no tokenizer)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="on a GPU: vLLM's share")
     return parser.parse_args()
 
 
@@ -49,8 +52,9 @@ def main() -> None:
     start = time.perf_counter()
     from vllm import LLM, SamplingParams, __version__
 
-    llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len,
-              enforce_eager=args.eager, seed=0)
+    gpu = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.eager,
+              seed=0, skip_tokenizer_init=args.skip_tokenizer_init, **gpu)
     load_s = time.perf_counter() - start
     import torch
 

@@ -141,8 +141,19 @@ def print_ready(config: ServeConfig) -> None:
               f"   (OpenAI-compatible API at {url})", flush=True)
 
 
+def check_devices(config: ServeConfig) -> None:
+    """Refuse a --device this machine lacks before starting anything (every worker runs here)."""
+    if config.worker.engine_kind != "pdmesh":
+        return
+    from pdmesh.engine.device import resolve_device
+
+    for role in ("prefill", "decode"):
+        resolve_device(config.worker.engine.device, num_ranks=config.plan(role).tp)
+
+
 def serve(config: ServeConfig, log_level: str | None = None) -> int:
     log_level = log_level or logging.getLevelName(logging.getLogger().level)
+    check_devices(config)
     config = with_concrete_ports(config)
     supervisor = Supervisor(config.supervision)
 

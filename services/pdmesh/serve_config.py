@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from pdmesh.config import CpuPlacement, SchedulerConfig, WorkerConfig
+from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.errors import InvalidRequestError
 from pdmesh.option import group, option
 
@@ -81,9 +82,19 @@ class ServeConfig:
         nice = DEFAULT_NICE[role] if plan.nice is None else plan.nice
         listen = replace(self.worker.listen, host=self.scheduler.listen.host, port=0, metrics_port=0,
                          advertise_address=self.scheduler.listen.advertise_address)
-        return replace(self.worker, role=role, worker_id=f"{role}-{index}",
+        return replace(self.worker, role=role, worker_id=f"{role}-{index}", engine=self._engine_share(),
                        scheduler_address=self.scheduler.internal_address(), listen=listen, tp=plan.tp,
                        cpu=CpuPlacement(plan.threads or os.cpu_count() or 1, nice), security=self.scheduler.security)
+
+
+    def _engine_share(self) -> EngineConfig:
+        """Every worker runs on the one --device given: on a GPU they share it, so each may use
+        its share of --gpu-memory-utilization (unused on CPU)."""
+        engine = self.worker.engine
+        if engine.device == "cpu":
+            return engine
+        workers = self.prefill.workers + self.decode.workers
+        return replace(engine, gpu_memory_utilization=engine.gpu_memory_utilization / workers)
 
 
 # Worker flags that serve sets per child rather than taking from its own command line.

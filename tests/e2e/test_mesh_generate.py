@@ -144,3 +144,9 @@ def test_list_models_and_count_tokens(mesh, reference_engine):
         models = client.list_models()
         assert [m.max_model_len for m in models] == [2048]
         assert client.count_tokens(messages=CHATS[0]) == tokenizer.apply_chat_template(CHATS[0])
+
+
+def test_cluster_status_reports_each_workers_device(mesh):
+    workers = mesh.workers("prefill") + mesh.workers("decode")
+    assert len(workers) == 3
+    assert all(w.device == "cpu" and w.gpu_memory_used_bytes == 0 for w in workers), workers

@@ -93,6 +93,19 @@ def test_greedy_with_tp_equals_tp1(model, size):
         group.close()
 
 
+def test_profile_step_runs_on_every_rank(model):
+    """The step that sizes a GPU's KV pool runs through the group before its cache exists."""
+    config, weights = model
+    expected = greedy(LLMEngine(config, weights, EngineConfig(**SETTINGS)))
+    group = make_group(config, weights, 2)
+    try:
+        group.engine.profile_step()
+        assert greedy(group.engine) == expected
+        assert not group.broken
+    finally:
+        group.close()
+
+
 @pytest.mark.parametrize("prefill_tp,decode_tp", list(itertools.product([1, 2, 4], [1, 2])))
 def test_handoff_between_tp_sizes(model, prefill_tp, decode_tp):
     config, weights = model

@@ -27,7 +27,7 @@ from pdmesh.engine.kv_cache import KVLayout, torch_dtype
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from pdmesh.kvtransfer.channel import RECEIVER_RANK, KVChannel, KVIntegrityError, TransferError, serve_store
 from pdmesh.kvtransfer.checksum import KVChecksum, checksum_kind
-from pdmesh.kvtransfer.layout_check import check_layouts
+from pdmesh.kvtransfer.layout_check import check_layouts, check_transport, transport_for
 from pdmesh.worker.convert import layout_from_pb, layout_to_pb
 
 
@@ -40,8 +40,11 @@ class _Link:
 
 
 class KVReceiver:
-    def __init__(self, worker_id: str, host: str, layout: KVLayout, timeout_s: float):
+    def __init__(self, worker_id: str, host: str, layout: KVLayout, timeout_s: float,
+                 device: torch.device = torch.device("cpu")):
+        """device: where the engine's KV lives (a GPU end receives over NCCL when the sender is on another GPU)."""
         self.worker_id = worker_id
+        self.device = device
         self.host = host
         self.layout = layout
         self.timeout_s = timeout_s
@@ -49,20 +52,22 @@ class KVReceiver:
         self._opening: dict[str, asyncio.Lock] = {}
 
     async def pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
-                   num_tokens: int) -> tuple[torch.Tensor, int, float]:
+                   num_tokens: int, sender: KVLayout | None = None) -> tuple[torch.Tensor, int, float]:
         """Receive a prefilled prompt's KV, checked: ([layers, 2, tokens, kv heads, D], bytes, seconds).
-        Raises KVIntegrityError when what arrived must not be used."""
+        Raises KVIntegrityError when what arrived must not be used. sender: the prefill worker's
+        layout (from its PrefillResult), which picks the transport and the checksum."""
         with tracing.span("kv_handoff", request_id=request_id, prefill_worker=address) as span:
-            kv, nbytes, seconds = await self._pull(stub, address, request_id, num_tokens)
+            kv, nbytes, seconds = await self._pull(stub, address, request_id, num_tokens, sender)
             if span is not None:
                 span.set_attributes({"bytes": nbytes, "seconds": seconds})
         return kv, nbytes, seconds
 
     async def _pull(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, request_id: str,
-                    num_tokens: int) -> tuple[torch.Tensor, int, float]:
-        link = await self._link(stub, address)
+                    num_tokens: int, sender: KVLayout | None) -> tuple[torch.Tensor, int, float]:
+        link = await self._link(stub, address, "gloo" if sender is None else transport_for(sender, self.layout))
         shape = (self.layout.num_layers, 2, num_tokens, len(self.layout.kv_head_ids), self.layout.head_dim)
-        checksum = KVChecksum(checksum_kind(torch.device("cpu")))
+        # The sender hashes on its export's device (a device reduction on a GPU), so this end does too.
+        checksum = KVChecksum(checksum_kind(torch.device("cpu" if sender is None else sender.device)))
         async with link.lock:
             tag, link.next_tag = link.next_tag, link.next_tag + 1
             start = time.perf_counter()
@@ -92,23 +97,24 @@ class KVReceiver:
         metrics.HANDOFF_SECONDS.observe(seconds)
         return kv, nbytes, seconds
 
-    async def _link(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str) -> _Link:
+    async def _link(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, backend: str) -> _Link:
         link = self._links.get(address)
-        if link is not None and not link.channel.broken:
+        if link is not None and not link.channel.broken and link.channel.backend == backend:
             return link
         async with self._opening.setdefault(address, asyncio.Lock()):
             link = self._links.get(address)
-            if link is None or link.channel.broken:
-                link = await self._open(stub, address)
+            if link is None or link.channel.broken or link.channel.backend != backend:
+                link = await self._open(stub, address, backend)
                 self._links[address] = link
             return link
 
-    async def _open(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str) -> _Link:
+    async def _open(self, stub: prefill_pb2_grpc.PrefillWorkerStub, address: str, backend: str) -> _Link:
         store = serve_store(self.host, self.timeout_s)
         # Random and only ever sent over an authenticated RPC: a peer that can reach the store
         # cannot guess the key prefix of a channel it was not handed.
         channel_id = f"{self.worker_id}/{secrets.token_hex(16)}"
-        join = asyncio.create_task(asyncio.to_thread(KVChannel, store, channel_id, RECEIVER_RANK, self.timeout_s, self.host))
+        join = asyncio.create_task(asyncio.to_thread(KVChannel, store, channel_id, RECEIVER_RANK, self.timeout_s,
+                                                     self.host, self.device, backend))
         try:
             response = await stub.OpenKVChannel(prefill_pb2.OpenKVChannelRequest(
                 decode_worker_id=self.worker_id, store_host=self.host, store_port=store.port,
@@ -118,6 +124,7 @@ class KVReceiver:
             join.cancel()
             raise TransferError(f"cannot open a KV channel to {address}: {exc.code().name}: {exc.details()}") from exc
         check_layouts(sender=layout_from_pb(response.layout), receiver=self.layout)
+        check_transport(sender=response.backend, receiver=backend)
         channel = await join
         channel.store = store  # the store must outlive the group
         return _Link(channel, channel_id)

@@ -30,7 +30,7 @@ from pdmesh.errors import DeadlineError, EngineError
 from pdmesh.gen.pdmesh.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from pdmesh.decode.kv_receiver import KVReceiver
 from pdmesh.kvtransfer.channel import KVIntegrityError, TransferError
-from pdmesh.worker.convert import layout_to_pb, sampling_to_pb
+from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class DecodeStream:
                                                              finish_reason=result.finish_reason)
             progress.phase = "transfer"
             kv, info.handoff_bytes, info.handoff_seconds = await self.receiver.pull(
-                stub, address, request.request_id, result.num_tokens)
+                stub, address, request.request_id, result.num_tokens, layout_from_pb(result.layout))
         except BaseException:
             call.cancel()  # ends the hold: the prefill worker frees the prompt's KV now, not at its TTL
             raise

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from pdmesh.engine.device import memory_used_bytes
 from pdmesh.engine.engine_protocol import EngineLoad, KVFingerprint
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sequence import EngineOutput, EngineRequest
@@ -33,6 +34,7 @@ class AsyncEngine:
         self.kind = kind
         self.model_name = engine.model_config.name
         self.layout = engine.layout
+        self.device = engine.device
         self.follower_pids = tuple(follower_pids)
         self._on_close = on_close
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -97,7 +99,7 @@ class AsyncEngine:
     def load(self) -> EngineLoad:
         running, waiting = self.engine.load()
         return EngineLoad(running, waiting, self.engine.num_free_blocks, self.engine.num_total_blocks,
-                          self.engine.config.block_size)
+                          self.engine.config.block_size, memory_used_bytes(self.device))
 
     def has_work(self) -> bool:
         return self.engine.has_work()

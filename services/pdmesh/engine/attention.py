@@ -1,13 +1,17 @@
 """Attention over the paged KV cache for one engine step.
 
 A step's tokens are flat: first the prompts being prefilled (each attends causally to itself),
-then one token per decoding sequence (each attends to its whole context, gathered from its blocks).
-The gather indices and masks are built once per step and reused by every layer.
+then one token per decoding sequence (each attends to its whole context in its blocks).
+A step's batch is built on the host (a tensor-parallel rank 0 broadcasts it as is), moved to the
+model's device once, and reused by every layer. Decode attention either gathers each context into
+a padded tensor for SDPA (the default, and the token-exact reference), or reads the blocks where
+they lie (`flex_decode.FlexDecode`, which the model sets as `decode_attention` for the step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,10 @@ class AttentionBatch:
     decode_len: int = 0  # longest decode context this step (L)
     decode_slots: torch.Tensor | None = None  # [B * L] slots to gather, padded
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where a slot is real; None: no padding
+    decode_tables: torch.Tensor | None = None  # [B, max blocks] block ids of each decoding sequence
+    decode_lens: torch.Tensor | None = None  # [B] context length of each decoding sequence
+    # Set by the model for one step when decode reads blocks in place: (q [B, H, D], kv_layer) -> [B, H*D].
+    decode_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @staticmethod
     def build(cache: KVCache, prefill: list[tuple[list[int], int]],
@@ -49,8 +57,18 @@ class AttentionBatch:
         slots = tables[:, positions // block_size] * block_size + positions % block_size  # [B, L]
         self.num_decode, self.decode_len = len(decode), max_len
         self.decode_slots = slots.reshape(-1)
+        self.decode_tables, self.decode_lens = tables, lens
         if bool((lens != max_len).any()):
             self.decode_mask = (positions.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+
+    def to(self, device: torch.device) -> "AttentionBatch":
+        """This batch with its tensors on `device` (itself when they are there already)."""
+        if self.write_slots.device == device:
+            return self
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("write_slots", "decode_slots", "decode_mask", "decode_tables", "decode_lens")
+                 if getattr(self, name) is not None}
+        return replace(self, **moved)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
@@ -66,7 +84,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Te
         outputs.append(out[0].transpose(0, 1).reshape(n, -1))
         start += n
     if batch.num_decode:
-        outputs.append(_attend_decode(q[start:], kv_layer, batch))
+        decode = batch.decode_attention or (lambda q_, kv_: _attend_decode(q_, kv_, batch))
+        outputs.append(decode(q[start:], kv_layer))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

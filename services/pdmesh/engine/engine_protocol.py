@@ -9,6 +9,7 @@ in and out, no engine insides. A worker never reaches past these methods.
     engine.release_held(request_id) / release_reservation(request_id) / abort(request_id)
     engine.load() -> EngineLoad                     # for heartbeats and admission
     engine.fingerprint() -> KVFingerprint           # who may hand KV to whom
+    engine.device                                   # where its KV lives (torch.device; rank 0's)
     engine.run_here() / stop() / close()            # the step loop on the caller's thread
 """
 
@@ -32,6 +33,7 @@ class EngineLoad:
     free_blocks: int
     total_blocks: int
     block_size: int
+    gpu_memory_used_bytes: int = 0  # what the engine holds on its GPU (rank 0); 0 on CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Engine(Protocol):
     kind: str  # "pdmesh", "echo", "vllm"
     model_name: str
     layout: KVLayout
+    device: torch.device  # where its KV lives (a tensor-parallel group: rank 0's)
     follower_pids: tuple[int, ...]  # the other ranks of a tensor-parallel group
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...

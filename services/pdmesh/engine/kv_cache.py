@@ -14,6 +14,8 @@ class KVLayout:
     """What a KV tensor holds; sent with every hand-off and checked on both ends.
 
     kv_head_ids are the model's KV heads this cache (one tensor-parallel rank) stores, in order.
+    device is where the KV lives ("cpu" or "cuda"), device_id the GPU's UUID: KV moves between two
+    GPUs over NCCL, and through the host when either end is a CPU or both share one GPU.
     """
 
     num_layers: int
@@ -23,12 +25,18 @@ class KVLayout:
     kv_head_ids: tuple[int, ...]
     # Under tensor parallelism: the KV heads each rank of the group stores (rank order).
     rank_kv_heads: tuple[tuple[int, ...], ...] = ()
+    device: str = "cpu"
+    device_id: str = ""
 
     def mismatch(self, other: "KVLayout") -> str | None:
         """Why other's KV cannot be placed into a cache of this layout, or None if it can.
 
-        Heads may differ (tensor-parallel shards): the caller takes the heads it owns.
+        Heads may differ (tensor-parallel shards): the caller takes the heads it owns. Device kinds
+        may differ too (the KV then travels through the host), but each must be one KV moves between.
         """
+        for layout, side in ((other, "the sender"), (self, "here")):
+            if layout.device not in DEVICE_KINDS:
+                return f"KV layout mismatch: device is {layout.device!r} on {side}; KV moves between {DEVICE_KINDS}"
         for name in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
@@ -37,6 +45,9 @@ class KVLayout:
         if missing:
             return f"KV layout mismatch: sender lacks KV heads {sorted(missing)}"
         return None
+
+
+DEVICE_KINDS = ("cpu", "cuda")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -49,12 +60,12 @@ def torch_dtype(name: str) -> torch.dtype:
 class KVCache:
     """kv: [num_layers, 2 (k, v), num_blocks * block_size (slots), local kv heads, head_dim]."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int):
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
         self.layout = layout
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv = torch.zeros(layout.num_layers, 2, num_blocks * block_size,
-                              len(layout.kv_head_ids), layout.head_dim, dtype=torch_dtype(layout.dtype))
+                              len(layout.kv_head_ids), layout.head_dim, dtype=torch_dtype(layout.dtype), device=device)
 
     @staticmethod
     def bytes_per_block(layout: KVLayout, block_size: int) -> int:
@@ -68,15 +79,16 @@ class KVCache:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def export(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """[num_layers, 2, num_tokens, local kv heads, head_dim]: a copy of one sequence's KV."""
-        return self.kv[:, :, self.slots(block_ids, 0, num_tokens)]
+        """[num_layers, 2, num_tokens, local kv heads, head_dim]: a copy of one sequence's KV, on the
+        cache's device."""
+        return self.kv[:, :, self.slots(block_ids, 0, num_tokens).to(self.kv.device)]
 
     def import_(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Write a sequence's KV ([L, 2, num_tokens, local heads, D]) into its blocks."""
+        """Write a sequence's KV ([L, 2, num_tokens, local heads, D], on any device) into its blocks."""
         expected = (self.kv.shape[0], 2, kv.shape[2], *self.kv.shape[3:])
         if tuple(kv.shape) != expected or kv.dtype != self.kv.dtype:
             raise EngineError(f"KV import of shape {tuple(kv.shape)} {kv.dtype} does not fit "
                               f"{expected} {self.kv.dtype}")
         if kv.shape[2] > len(block_ids) * self.block_size:
             raise EngineError(f"KV of {kv.shape[2]} tokens does not fit {len(block_ids)} blocks")
-        self.kv[:, :, self.slots(block_ids, 0, kv.shape[2])] = kv
+        self.kv[:, :, self.slots(block_ids, 0, kv.shape[2]).to(self.kv.device)] = kv.to(self.kv.device)

@@ -4,6 +4,10 @@ Callers on other threads may add, abort, reserve and export at any moment; every
 queues and the block pool happens under one lock, and the forward pass runs outside it. Aborts
 are applied at the next step boundary, so a forward pass never writes into blocks already given
 to another sequence.
+
+The engine runs on one device (`--device`): weights, KV pool, RoPE tables and sampling live there;
+each step's batch is built on the host and moved once. On CUDA the KV pool is sized from
+`--gpu-memory-utilization` after a profile step (`kv_budget`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import torch
 
 from pdmesh.engine.attention import AttentionBatch
 from pdmesh.engine.batch_scheduler import BatchScheduler, ScheduledStep
+from pdmesh.engine import kv_budget
 from pdmesh.engine.block_pool import BlockPool
+from pdmesh.engine.device import device_uuid, place_weights, resolve_device, resolve_dtype, use_device
 from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.flex_decode import decode_backend_for
 from pdmesh.engine.kv_cache import KVCache, KVLayout
 from pdmesh.engine.model import AllReduce, LlamaModel
 from pdmesh.engine.model_config import ModelConfig
@@ -29,20 +36,26 @@ class LLMEngine:
     def __init__(self, model_config: ModelConfig, weights: dict[str, torch.Tensor],
                  config: EngineConfig = EngineConfig(), all_reduce: AllReduce | None = None,
                  kv_head_ids: tuple[int, ...] | None = None, model=None):
-        """model: a stand-in with LlamaModel's forward() (e.g. EchoModel); None builds the real one."""
+        """model: a stand-in with LlamaModel's forward() (e.g. EchoModel, a tensor-parallel driver, whose
+        weights are on the device already); None builds the real one on the configured device."""
         self.model_config = model_config
         self.config = config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
+        self.device = resolve_device(config.device)
+        use_device(self.device)
+        dtype = resolve_dtype(config.dtype, self.device)
         if model is None:
-            dtype = getattr(torch, config.dtype)
-            weights = {name: w.to(dtype) for name, w in weights.items()}
-            model = LlamaModel(model_config, weights, self.max_model_len, all_reduce)
+            model = LlamaModel(model_config, place_weights(weights, dtype, self.device), self.max_model_len,
+                               all_reduce, decode_backend_for(config.attention_backend, self.device),
+                               config.max_num_seqs)
         self.model = model
         self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
-                               config.dtype, kv_head_ids or tuple(range(model_config.num_kv_heads)))
-        num_blocks = max(1, int(config.kv_cache_gib * 2**30) // KVCache.bytes_per_block(self.layout, config.block_size))
-        self.cache = KVCache(self.layout, num_blocks, config.block_size)
+                               dtype, kv_head_ids or tuple(range(model_config.num_kv_heads)),
+                               device=self.device.type, device_id=device_uuid(self.device))
+        self.local_layout = self.layout  # this process's KV heads (a tensor-parallel group widens self.layout)
+        num_blocks = self._num_blocks()
+        self.cache = KVCache(self.layout, num_blocks, config.block_size, self.device)
         self.pool = BlockPool(num_blocks, config.block_size)
         self.scheduler = BatchScheduler(self.pool, config, self.max_model_len)
         self.lock = threading.RLock()
@@ -50,6 +63,35 @@ class LLMEngine:
         self._aborts: set[str] = set()
         self.num_steps = 0
         self.last_step_s = 0.0
+
+    def _num_blocks(self) -> int:
+        per_block = KVCache.bytes_per_block(self.layout, self.config.block_size)
+        if self.config.kv_cache_gib or self.device.type != "cuda":
+            return max(1, int((self.config.kv_cache_gib or kv_budget.CPU_DEFAULT_GIB) * kv_budget.GIB) // per_block)
+        kv_budget.reset_peak(self.device)
+        self.profile_step()
+        kv_bytes = kv_budget.kv_pool_bytes(kv_budget.measure(self.device), self.config.gpu_memory_utilization)
+        return max(1, kv_bytes // per_block)
+
+    def profile_step(self) -> None:
+        """One forward pass of the largest prefill step the scheduler can form (into a throwaway
+        KV cache just big enough), so the activation peak is measured before the pool is sized."""
+        block_size = self.config.block_size
+        longest = max(1, self.max_model_len - 1)
+        remaining, lens = min(self.config.max_num_batched_tokens, longest * self.config.max_num_seqs), []
+        while remaining > 0:
+            lens.append(min(remaining, longest))
+            remaining -= lens[-1]
+        blocks = [-(-n // block_size) for n in lens]
+        cache = KVCache(self.local_layout, sum(blocks), block_size, self.device)
+        starts = [sum(blocks[:i]) for i in range(len(blocks))]
+        prefill = [(list(range(start, start + nb)), n) for start, nb, n in zip(starts, blocks, lens)]
+        batch = AttentionBatch.build(cache, prefill, [])
+        num_tokens = sum(lens)
+        ids = torch.arange(num_tokens) % self.model_config.vocab_size
+        positions = torch.cat([torch.arange(n) for n in lens])
+        rows = torch.arange(num_tokens)[-min(num_tokens, self.config.max_num_seqs):]  # the widest logits a step makes
+        self.model.forward(ids, positions, batch, cache, rows)
 
     # -- calls from any thread -------------------------------------------------------------
 

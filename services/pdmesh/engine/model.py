@@ -3,16 +3,21 @@
 Weights arrive in Hugging Face names and layout. q/k/v and gate/up are fused into one matrix
 each, so a layer runs three large GEMMs instead of seven. Under tensor parallelism the caller
 passes this rank's shards (column-parallel q/k/v/gate/up, row-parallel o/down) and an all-reduce.
+The model runs on the device its weights are on; each step's inputs arrive on the host and move
+there once.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from pdmesh.engine.attention import AttentionBatch, attend
+from pdmesh.engine.flex_decode import FlexDecode
 from pdmesh.engine.kv_cache import KVCache
 from pdmesh.engine.linear import FrozenLinear
 from pdmesh.engine.model_config import ModelConfig
@@ -20,6 +25,8 @@ from pdmesh.engine.rope import RotaryEmbedding
 from pdmesh.errors import CheckpointError
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
+DECODE_BACKENDS = ("sdpa", "flex")
 
 
 class DecoderLayer:
@@ -71,7 +78,12 @@ class LlamaModel:
     """Runs one engine step: embeds tokens, runs every layer, returns logits for chosen rows."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-                 all_reduce: AllReduce | None = None):
+                 all_reduce: AllReduce | None = None, decode_backend: str = "sdpa", max_num_seqs: int = 64):
+        """weights: HF-named, already in the dtype and on the device to run on.
+        decode_backend: "sdpa" (gather each context) or "flex" (read blocks in place; compiled on CUDA,
+        and replaced by sdpa for good if it fails)."""
+        if decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode_backend must be one of {DECODE_BACKENDS}, got {decode_backend!r}")
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
         if missing:
             raise CheckpointError(f"checkpoint lacks tensors {missing}")
@@ -84,7 +96,11 @@ class LlamaModel:
         self.norm = weights["model.norm.weight"]
         self.layers = [DecoderLayer(weights, f"model.layers.{i}.", config, all_reduce)
                        for i in range(config.num_layers)]
-        self.rope = RotaryEmbedding(config, max_positions, dtype=self.embed.dtype)
+        self.device = self.embed.device
+        self.rope = RotaryEmbedding(config, max_positions, dtype=self.embed.dtype, device=self.device)
+        self.decode_backend = decode_backend
+        self.max_num_seqs = max_num_seqs
+        self._flex: FlexDecode | None = None
 
     @property
     def num_local_kv_heads(self) -> int:
@@ -93,7 +109,28 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; logit_rows: [N] rows of T to score. Returns logits [N, V]."""
+        """input_ids, positions: [T]; logit_rows: [N] rows of T to score (any device). Returns logits
+        [N, V] on the model's device."""
+        input_ids, positions, logit_rows = (t.to(self.device) for t in (input_ids, positions, logit_rows))
+        batch = batch.to(self.device)
+        if self.decode_backend == "flex" and batch.num_decode:
+            try:
+                return self._forward(input_ids, positions, self._with_flex(batch, cache), cache, logit_rows)
+            except Exception as exc:  # an inductor or Triton failure: the exact path still serves
+                log.warning("flex decode attention failed (%s: %s); using sdpa from now on", type(exc).__name__, exc)
+                self.decode_backend, self._flex = "sdpa", None
+        return self._forward(input_ids, positions, batch, cache, logit_rows)
+
+    def _with_flex(self, batch: AttentionBatch, cache: KVCache) -> AttentionBatch:
+        if self._flex is None or self._flex.num_blocks != cache.num_blocks:
+            self._flex = FlexDecode(cache.num_blocks, cache.block_size, self.max_num_seqs, self.device,
+                                    compiled=self.device.type == "cuda")
+        flex = self._flex
+        mask = flex.block_mask(batch.decode_tables, batch.decode_lens)
+        return replace(batch, decode_attention=lambda q, kv_layer: flex.attend(q, kv_layer, mask))
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         x = self.embed[input_ids]  # [T, H]
         angles = self.rope.angles(positions)
         for layer, kv_layer in zip(self.layers, cache.kv):

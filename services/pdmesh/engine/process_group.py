@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import socket
 
+import torch
 import torch.distributed as dist
 
 
@@ -40,6 +41,16 @@ def gloo_group(store: dist.Store, rank: int, size: int, timeout_s: float, host: 
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     options._timeout = seconds(timeout_s)
     return dist.ProcessGroupGloo(store, rank, size, options)
+
+
+def nccl_group(store: dist.Store, rank: int, size: int, timeout_s: float,
+               device: torch.device) -> dist.ProcessGroupNCCL:
+    """An NCCL group for tensors on `device` (one GPU per rank; NCCL refuses two ranks on one GPU).
+    Its communicator is made at the first operation, on `device`."""
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = seconds(timeout_s)
+    torch.cuda.set_device(device)
+    return dist.ProcessGroupNCCL(store, rank, size, options)
 
 
 def seconds(value: float) -> datetime.timedelta:

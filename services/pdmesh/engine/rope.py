@@ -39,13 +39,14 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding:
     """Precomputed cos/sin for every position up to max_positions."""
 
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         inv_freq = inverse_frequencies(config).float()
         # Same arithmetic as transformers (float32 outer product) so greedy tokens match exactly.
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((angles, angles), dim=-1)  # [P, D]
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        self.cos = emb.cos().to(device, dtype)
+        self.sin = emb.sin().to(device, dtype)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [T, 1, D], for a step's positions; computed once, used by every layer."""

@@ -3,7 +3,8 @@
 Seeded sampling draws each token from a generator seeded by (seed, index of the token in the
 output), not from a stream that runs across steps. The token at a given output index is then the
 same wherever it is computed: in one engine or another, alone or in a batch, or after a stream is
-resumed on another worker.
+resumed on another worker. Everything runs on the logits' device (the generator too); only the
+chosen token ids come back to the host.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def token_seed(seed: int, output_index: int) -> int:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> list[int]:
-    """Pick one token per row. logits: [B, V] float; params and output_indices: one per row."""
-    tokens = logits.argmax(dim=-1).tolist()
+    """Pick one token per row. logits: [B, V] float on any device; params and output_indices: one per row."""
+    tokens = logits.argmax(dim=-1).tolist()  # the step's one device-to-host sync
     for row, p in enumerate(params):
         if not p.greedy:
             tokens[row] = _sample_row(logits[row], p, output_indices[row])
@@ -42,7 +43,7 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, output_index: int) -> i
         probs = _top_p(probs, p.top_p)
     generator = None
     if p.seed is not None:
-        generator = torch.Generator().manual_seed(token_seed(p.seed, output_index))
+        generator = torch.Generator(device=logits.device).manual_seed(token_seed(p.seed, output_index))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -6,8 +6,9 @@ Applied after loading, as a transformation of the weights (gpt-fast's approach):
 - the embedding and the LM head replicated: on one host a vocab-parallel head would trade a
   28 MB copy per rank for an all-gather of [tokens, 49,152] logits every step.
 KV heads are split across ranks, or replicated when the group is larger than their number.
-A group is a torch.distributed ProcessGroup (Gloo on CPU, NCCL on GPUs) built from a TCPStore,
-without a global world.
+A group is built from a TCPStore, without a global world. Commands (pickled objects) always go
+over Gloo; tensors (all-reduce, KV shards) over NCCL when the ranks run on GPUs (rank i on
+cuda:base+i), else over the same Gloo group: one code path for both.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from pdmesh.engine.process_group import gloo_group
+from pdmesh.engine.process_group import gloo_group, nccl_group
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.errors import InvalidRequestError, UnavailableError
 
@@ -78,22 +79,33 @@ class TPGroup:
     rank 0, point-to-point sends of KV shards. Every wait has the group's timeout."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout_s: float, host: str = "127.0.0.1",
-                 prefix: str = "tp"):
-        """host: this rank's address, which its transport binds (the group's store host)."""
+                 prefix: str = "tp", device: torch.device = torch.device("cpu")):
+        """host: this rank's address, which its transport binds (the group's store host);
+        device: this rank's device, where the tensors it all-reduces, sends and receives live."""
         self.rank, self.size, self.timeout = rank, size, datetime.timedelta(seconds=timeout_s)
+        self.device = device
         try:
             self.pg = gloo_group(dist.PrefixStore(prefix, store), rank, size, timeout_s, host)
+            self.data = self.pg  # tensors
+            if device.type == "cuda":
+                self.data = nccl_group(dist.PrefixStore(prefix + "/nccl", store), rank, size, timeout_s, device)
         except Exception as exc:
             raise TPGroupError(f"tensor-parallel group of {size}: rank {rank} could not join: {exc}") from exc
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, work, what: str, data: bool = False) -> None:
+        """data: `work` is on the tensor group."""
         try:
-            work.wait(self.timeout)
+            if data and self.data is not self.pg:
+                # NCCL: order the streams only; a wait with a timeout would block the host on
+                # every all-reduce. NCCL's watchdog ends a group that passes the timeout.
+                work.wait()
+            else:
+                work.wait(self.timeout)
         except Exception as exc:
             raise TPGroupError(f"tensor-parallel {what} failed on rank {self.rank}: {exc}") from exc
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._wait(self.pg.allreduce([tensor]), "all-reduce")
+        self._wait(self.data.allreduce([tensor]), "all-reduce", data=True)
         return tensor
 
     def broadcast_object(self, obj=None):
@@ -110,9 +122,11 @@ class TPGroup:
         return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
-        self._wait(self.pg.send([tensor.contiguous()], dst, tag), f"send to rank {dst}")
+        tensor = tensor.to(self.device).contiguous()
+        self._wait(self.data.send([tensor], dst, tag), f"send to rank {dst}", data=True)
 
     def recv(self, shape, dtype: torch.dtype, src: int, tag: int = 0) -> torch.Tensor:
-        tensor = torch.empty(shape, dtype=dtype)
-        self._wait(self.pg.recv([tensor], src, tag), f"receive from rank {src}")
+        """A tensor from rank src, on this rank's device."""
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        self._wait(self.data.recv([tensor], src, tag), f"receive from rank {src}", data=True)
         return tensor

@@ -51,9 +51,14 @@ class TPDriver:
         self.last_command = time.monotonic()
 
     def forward(self, input_ids, positions, batch, cache, logit_rows):
+        """The step's inputs are on the host: followers get them as they are."""
         with self.lock, self._fatal():
-            self.command("step", input_ids, positions, batch)
-            return self.model.forward(input_ids, positions, batch, cache.local, logit_rows)
+            if isinstance(cache, TPKVCache):
+                self.command("step", input_ids, positions, batch)
+                return self.model.forward(input_ids, positions, batch, cache.local, logit_rows)
+            # The engine's profile step, before the group's cache exists: each rank uses a throwaway one.
+            self.command("profile", cache.num_blocks, cache.block_size, input_ids, positions, batch)
+            return self.model.forward(input_ids, positions, batch, cache, logit_rows)
 
     def _keep_alive(self) -> None:
         while not self.stopped:
@@ -136,10 +141,14 @@ def follow(group: TPGroup, model: LlamaModel, layout: KVLayout) -> None:
     while True:
         kind, *args = group.broadcast_object()
         if kind == "setup":
-            cache = KVCache(layout, args[0], args[1])
+            cache = KVCache(layout, args[0], args[1], model.device)
         elif kind == "step":
             input_ids, positions, batch = args
             model.forward(input_ids, positions, batch, cache, NO_LOGITS)
+        elif kind == "profile":
+            num_blocks, block_size, input_ids, positions, batch = args
+            scratch = KVCache(layout, num_blocks, block_size, model.device)
+            model.forward(input_ids, positions, batch, scratch, NO_LOGITS)
         elif kind == "export":
             block_ids, num_tokens = args
             group.send(cache.export(block_ids, num_tokens), dst=0)

@@ -54,10 +54,11 @@ class KVSender:
         self.held: dict[str, Held] = {}
         self.num_expired = 0
 
-    async def open_channel(self, store_host: str, store_port: int, channel_id: str) -> KVChannel:
+    async def open_channel(self, store_host: str, store_port: int, channel_id: str,
+                           backend: str = "gloo") -> KVChannel:
         def join() -> KVChannel:
             store = connect_store(store_host, store_port, self.timeout_s)
-            return KVChannel(store, channel_id, SENDER_RANK, self.timeout_s, self.host)
+            return KVChannel(store, channel_id, SENDER_RANK, self.timeout_s, self.host, self.engine.device, backend)
         channel = await asyncio.to_thread(join)
         self.channels[channel_id] = channel
         return channel

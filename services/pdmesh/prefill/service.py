@@ -12,7 +12,7 @@ from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import UnavailableError
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc, worker_pb2
-from pdmesh.kvtransfer.layout_check import check_layouts
+from pdmesh.kvtransfer.layout_check import check_layouts, transport_for
 from pdmesh.prefill.kv_sender import KVSender
 from pdmesh.worker.convert import layout_from_pb, layout_to_pb, sampling_from_pb
 from pdmesh.worker.runtime import WorkerState
@@ -27,9 +27,10 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         self.sender = sender
 
     async def OpenKVChannel(self, request, context):
-        layout = self.engine.layout
-        check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
-        channel = await self.sender.open_channel(request.store_host, request.store_port, request.channel_id)
+        layout, receiver = self.engine.layout, layout_from_pb(request.layout)
+        check_layouts(sender=layout, receiver=receiver)
+        channel = await self.sender.open_channel(request.store_host, request.store_port, request.channel_id,
+                                                 transport_for(layout, receiver))
         return prefill_pb2.OpenKVChannelResponse(layout=layout_to_pb(layout), backend=channel.backend)
 
     async def Prefill(self, request, context):

@@ -29,6 +29,7 @@ class WorkerLoad:
     block_size: int = 16
     state: str = "serving"
     requests_total: int = 0
+    gpu_memory_used_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class WorkerInfo:
     ranks: list = field(default_factory=list)  # (rank, pid, kv head ids) of its TP group
     restarts: int = 0  # times its supervisor restarted it
     pairing: Pairing = field(default_factory=Pairing)  # model, engine kind, KV layout
+    device: str = "cpu"  # its engine's device (rank 0's): "cpu" or "cuda:N"
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -64,7 +66,7 @@ class WorkerRegistry:
 
     def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
                  metrics_address: str = "", ranks: list | None = None, restarts: int = 0,
-                 pairing: Pairing = Pairing()) -> WorkerInfo:
+                 pairing: Pairing = Pairing(), device: str = "cpu") -> WorkerInfo:
         """Add or update a worker; PairingError if it cannot pair with a live worker of the other role."""
         if role not in ("prefill", "decode"):
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
@@ -83,7 +85,7 @@ class WorkerRegistry:
         # Updated in place: requests in flight hold this object and settle against it.
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
         info.ranks = list(ranks or [])
-        info.restarts = restarts
+        info.restarts, info.device = restarts, device
         info.pairing = pairing
         info.breaker = CircuitBreaker()  # a (re)started worker starts trusted
         self._report(info, load)

@@ -59,6 +59,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 kv_blocks_total=w.load.kv_blocks_total, queued_prompt_tokens=w.load.queued_prompt_tokens,
                 tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
                 metrics_address=w.metrics_address, requests_total=w.load.requests_total, restarts=w.restarts,
+                device=w.device, gpu_memory_used_bytes=w.load.gpu_memory_used_bytes,
                 ranks=[scheduler_pb2.WorkerRank(rank=r, pid=pid, kv_head_ids=list(heads))
                        for r, pid, heads in w.ranks]))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.front_door.num_running,
@@ -77,7 +78,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                                load_from_pb(request.load), request.metrics_address,
                                [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts,
                                Pairing(request.model, request.engine or "pdmesh",
-                                       layout_from_pb(request.layout) if request.HasField("layout") else None))
+                                       layout_from_pb(request.layout) if request.HasField("layout") else None),
+                               request.device or "cpu")
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
@@ -117,7 +119,7 @@ def load_from_pb(pb) -> WorkerLoad:
     return WorkerLoad(running=pb.running, queued=pb.queued, queued_prompt_tokens=pb.queued_prompt_tokens,
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
                       block_size=pb.block_size or 16, state=pb.state or "serving",
-                      requests_total=pb.requests_total)
+                      requests_total=pb.requests_total, gpu_memory_used_bytes=pb.gpu_memory_used_bytes)
 
 
 def route_to_pb(route: Route) -> scheduler_pb2.Route:

@@ -21,12 +21,14 @@ def sampling_to_pb(p: SamplingParams) -> worker_pb2.SamplingParams:
 
 def layout_from_pb(pb: worker_pb2.KVLayout) -> KVLayout:
     ranks = tuple(tuple(r.kv_head_ids) for r in sorted(pb.ranks, key=lambda r: r.rank))
-    return KVLayout(pb.num_layers, pb.num_kv_heads, pb.head_dim, pb.dtype, tuple(pb.kv_head_ids), ranks)
+    return KVLayout(pb.num_layers, pb.num_kv_heads, pb.head_dim, pb.dtype, tuple(pb.kv_head_ids), ranks,
+                    device=pb.device or "cpu", device_id=pb.device_id)
 
 
 def layout_to_pb(layout: KVLayout) -> worker_pb2.KVLayout:
     return worker_pb2.KVLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                                head_dim=layout.head_dim, dtype=layout.dtype,
-                               kv_head_ids=list(layout.kv_head_ids),
+                               kv_head_ids=list(layout.kv_head_ids), device=layout.device,
+                               device_id=layout.device_id,
                                ranks=[worker_pb2.TPRank(rank=r, kv_head_ids=list(h))
                                       for r, h in enumerate(layout.rank_kv_heads)])

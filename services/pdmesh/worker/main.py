@@ -86,7 +86,7 @@ async def _serve(config: WorkerConfig, engine: Engine, stop: _StopSignal, grace_
         background.append(sender.expire_forever())
     else:
         clients = PrefillClients(credentials)
-        receiver = KVReceiver("", host, engine.layout, config.kv_timeout_s)
+        receiver = KVReceiver("", host, engine.layout, config.kv_timeout_s, engine.device)
         spec = ServiceSpec(decode_pb2_grpc.add_DecodeWorkerServicer_to_server,
                            DecodeWorkerServicer(state, DecodeStream(engine, receiver, clients, config.prefill_timeout_s)),
                            service_name(decode_pb2, "DecodeWorker"))

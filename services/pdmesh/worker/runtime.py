@@ -13,6 +13,7 @@ from pdmesh import metrics
 from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.device import resolve_device
 from pdmesh.engine.echo_model import EchoModel, echo_config
 from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.llm_engine import LLMEngine
@@ -38,6 +39,8 @@ def group_threads(config: WorkerConfig) -> CpuPlacement:
 
 def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
     """The worker's engine, behind the worker interface; the worker steps it on its main thread."""
+    if config.engine_kind == "pdmesh":
+        resolve_device(config.engine.device, num_ranks=config.tp)  # --device cuda without CUDA: stop now
     apply_cpu_placement(group_threads(config))
     checkpoint = load_checkpoint(config.model, log=log.info)
     if config.tp > 1:
@@ -48,14 +51,15 @@ def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
                              on_close=group.stop)
     elif config.engine_kind == "echo":
         model_config = echo_config(checkpoint.config)
-        engine = AsyncEngine(LLMEngine(model_config, {}, config.engine,
+        engine = AsyncEngine(LLMEngine(model_config, {}, replace(config.engine, device="cpu"),  # no model: no GPU
                                        model=EchoModel(model_config, config.echo_step_ms / 1000)),
                              own_thread=False, kind="echo")
     else:
         engine = AsyncEngine(LLMEngine(checkpoint.config, checkpoint.weights, config.engine), own_thread=False)
     load = engine.load()
-    log.info("%s worker: %s (%s engine), %d KV blocks of %d tokens, %d threads, nice %d", config.role,
-             engine.model_name, engine.kind, load.total_blocks, load.block_size, torch.get_num_threads(), os.nice(0))
+    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
+             engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,
+             torch.get_num_threads(), os.nice(0))
     return engine
 
 
@@ -89,7 +93,8 @@ class WorkerState:
                                      queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
                                      kv_blocks_total=load.total_blocks, block_size=load.block_size,
                                      state="draining" if self.draining else "serving",
-                                     requests_total=self.requests_total)
+                                     requests_total=self.requests_total,
+                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
         pids = [os.getpid(), *self.engine.follower_pids]
@@ -102,4 +107,4 @@ class WorkerState:
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.layout),
                                             metrics_address=self.metrics_address, restarts=self.config.restarts,
-                                            engine=self.engine.kind)
+                                            engine=self.engine.kind, device=str(self.engine.device))

@@ -16,11 +16,11 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-import torch
-
 from pdmesh.child import TPFollowerSpec, spawn
 from pdmesh.config import WorkerConfig
 from pdmesh.engine.checkpoint import Checkpoint
+from pdmesh.engine.device import place_weights, resolve_device, resolve_dtype, use_device
+from pdmesh.engine.flex_decode import decode_backend_for
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.model import LlamaModel
 from pdmesh.engine.process_group import serve_store
@@ -59,25 +59,37 @@ class TPWorkerGroup:
 def start_tp_group(config: WorkerConfig, checkpoint: Checkpoint, log_level: str) -> TPWorkerGroup:
     size = config.tp
     check_tp_size(checkpoint.config, size)
+    device = resolve_device(config.engine.device, num_ranks=size)  # rank i takes the base + i
+    use_device(device)
     host = config.listen.advertised_host()
     store = serve_store(host, size, JOIN_TIMEOUT_S)
     followers = [spawn("tp-follower", TPFollowerSpec(config, rank, host, store.port), log_level)
                  for rank in range(1, size)]
     atexit.register(_kill, followers)
-    group = TPGroup(store, 0, size, JOIN_TIMEOUT_S, host)
+    group = TPGroup(store, 0, size, JOIN_TIMEOUT_S, host, device=device)
     group.timeout = type(group.timeout)(seconds=OP_TIMEOUT_S)
     group.store = store  # the store must outlive the group
-    dtype = getattr(torch, config.engine.dtype)
-    weights = shard_weights({n: w.to(dtype) for n, w in checkpoint.weights.items()}, checkpoint.config, 0, size)
-    max_len = min(config.engine.max_model_len or checkpoint.config.max_position_embeddings,
-                  checkpoint.config.max_position_embeddings)
-    model = LlamaModel(checkpoint.config, weights, max_len, all_reduce=group.all_reduce)
+    model = rank_model(config, checkpoint, rank_weights(config, checkpoint, 0, device), device, group)
     driver = TPDriver(model, group, on_broken=lambda exc: _die(exc, followers))
     engine = LLMEngine(checkpoint.config, {}, config.engine, kv_head_ids=kv_heads_of(checkpoint.config, 0, size),
                        model=driver)
     make_tp_engine(engine, group, driver)
     log.info("tensor-parallel group of %d ready (follower pids %s)", size, [p.pid for p in followers])
     return TPWorkerGroup(engine, driver, followers)
+
+
+def rank_weights(config: WorkerConfig, checkpoint: Checkpoint, rank: int, device) -> dict:
+    """Rank `rank`'s shard of every weight, in the engine's dtype on the rank's device."""
+    weights = shard_weights(checkpoint.weights, checkpoint.config, rank, config.tp)
+    return place_weights(weights, resolve_dtype(config.engine.dtype, device), device)
+
+
+def rank_model(config: WorkerConfig, checkpoint: Checkpoint, weights: dict, device, group: TPGroup) -> LlamaModel:
+    """A rank's model over its placed shard (rank_weights), all-reducing through `group`."""
+    max_len = min(config.engine.max_model_len or checkpoint.config.max_position_embeddings,
+                  checkpoint.config.max_position_embeddings)
+    return LlamaModel(checkpoint.config, weights, max_len, group.all_reduce,
+                      decode_backend_for(config.engine.attention_backend, device), config.engine.max_num_seqs)
 
 
 def _kill(followers: list[subprocess.Popen]) -> None:

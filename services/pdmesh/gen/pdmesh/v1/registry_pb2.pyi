@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "tp_size", "layout", "load", "metrics_address", "tp_ranks", "restarts", "engine")
+    __slots__ = ("worker_id", "role", "address", "model", "tp_size", "layout", "load", "metrics_address", "tp_ranks", "restarts", "engine", "device")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class RegisterRequest(_message.Message):
     TP_RANKS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -31,7 +32,8 @@ class RegisterRequest(_message.Message):
     tp_ranks: _containers.RepeatedCompositeFieldContainer[_worker_pb2.TPRank]
     restarts: int
     engine: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., tp_size: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ..., tp_ranks: _Optional[_Iterable[_Union[_worker_pb2.TPRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., tp_size: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ..., tp_ranks: _Optional[_Iterable[_Union[_worker_pb2.TPRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)

@@ -125,7 +125,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total", "ranks", "restarts")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total", "ranks", "restarts", "device", "gpu_memory_used_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,8 @@ class WorkerStatus(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -158,7 +160,9 @@ class WorkerStatus(_message.Message):
     requests_total: int
     ranks: _containers.RepeatedCompositeFieldContainer[WorkerRank]
     restarts: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[WorkerRank, _Mapping]]] = ..., restarts: _Optional[int] = ...) -> None: ...
+    device: str
+    gpu_memory_used_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[WorkerRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., gpu_memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerRank(_message.Message):
     __slots__ = ("rank", "pid", "kv_head_ids")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\"\x9f\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x8c\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0bkv_head_ids\x18\x05 \x03(\x05\x12 \n\x05ranks\x18\x06 \x03(\x0b\x32\x11.pdmesh.v1.TPRank\"8\n\x06TPRank\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0bkv_head_ids\x18\x03 \x03(\x05\"\xb7\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x03\x12\r\n\x05state\x18\x07 \x01(\t\x12\x16\n\x0erequests_total\x18\x08 \x01(\x03\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\"\x9f\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\xaf\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0bkv_head_ids\x18\x05 \x03(\x05\x12 \n\x05ranks\x18\x06 \x03(\x0b\x32\x11.pdmesh.v1.TPRank\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x11\n\tdevice_id\x18\x08 \x01(\t\"8\n\x06TPRank\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0bkv_head_ids\x18\x03 \x03(\x05\"\xd6\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x03\x12\r\n\x05state\x18\x07 \x01(\t\x12\x16\n\x0erequests_total\x18\x08 \x01(\x03\x12\x1d\n\x15gpu_memory_used_bytes\x18\t \x01(\x03\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=38
   _globals['_SAMPLINGPARAMS']._serialized_end=197
   _globals['_KVLAYOUT']._serialized_start=200
-  _globals['_KVLAYOUT']._serialized_end=340
-  _globals['_TPRANK']._serialized_start=342
-  _globals['_TPRANK']._serialized_end=398
-  _globals['_WORKERLOAD']._serialized_start=401
-  _globals['_WORKERLOAD']._serialized_end=584
-  _globals['_DRAINREQUEST']._serialized_start=586
-  _globals['_DRAINREQUEST']._serialized_end=600
-  _globals['_DRAINRESPONSE']._serialized_start=602
-  _globals['_DRAINRESPONSE']._serialized_end=634
+  _globals['_KVLAYOUT']._serialized_end=375
+  _globals['_TPRANK']._serialized_start=377
+  _globals['_TPRANK']._serialized_end=433
+  _globals['_WORKERLOAD']._serialized_start=436
+  _globals['_WORKERLOAD']._serialized_end=650
+  _globals['_DRAINREQUEST']._serialized_start=652
+  _globals['_DRAINREQUEST']._serialized_end=666
+  _globals['_DRAINRESPONSE']._serialized_start=668
+  _globals['_DRAINRESPONSE']._serialized_end=700
 # @@protoc_insertion_point(module_scope)

@@ -25,20 +25,24 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "kv_head_ids", "ranks")
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "kv_head_ids", "ranks", "device", "device_id")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_IDS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str
     kv_head_ids: _containers.RepeatedScalarFieldContainer[int]
     ranks: _containers.RepeatedCompositeFieldContainer[TPRank]
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_head_ids: _Optional[_Iterable[int]] = ..., ranks: _Optional[_Iterable[_Union[TPRank, _Mapping]]] = ...) -> None: ...
+    device: str
+    device_id: str
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_head_ids: _Optional[_Iterable[int]] = ..., ranks: _Optional[_Iterable[_Union[TPRank, _Mapping]]] = ..., device: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class TPRank(_message.Message):
     __slots__ = ("rank", "pid", "kv_head_ids")
@@ -51,7 +55,7 @@ class TPRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_head_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "queued", "queued_prompt_tokens", "kv_blocks_free", "kv_blocks_total", "block_size", "state", "requests_total")
+    __slots__ = ("running", "queued", "queued_prompt_tokens", "kv_blocks_free", "kv_blocks_total", "block_size", "state", "requests_total", "gpu_memory_used_bytes")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +64,7 @@ class WorkerLoad(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     queued_prompt_tokens: int
@@ -68,7 +73,8 @@ class WorkerLoad(_message.Message):
     block_size: int
     state: str
     requests_total: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., requests_total: _Optional[int] = ...) -> None: ...
+    gpu_memory_used_bytes: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., requests_total: _Optional[int] = ..., gpu_memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
