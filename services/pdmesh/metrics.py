@@ -52,6 +52,9 @@ HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from p
 HANDOFF_SECONDS = Histogram("pdmesh_kv_handoff_seconds", "Time of one KV hand-off",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 HANDOFF_FAILURES = Counter("pdmesh_kv_handoff_failures_total", "KV hand-offs that failed")
+HANDOFF_HANDLES = Counter("pdmesh_kv_handoff_handles_total",
+                          "Hand-offs through the engine's own KV connector (vLLM NIXL): transfer handles a decode "
+                          "worker gave its engine")
 PREFILL_FALLBACKS = Counter("pdmesh_prefill_fallbacks_total",
                             "Prefills moved to another prefill worker or to the decode worker, by target",
                             ["target"])

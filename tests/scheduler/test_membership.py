@@ -53,3 +53,35 @@ def test_started_requests_stay_counted_until_a_later_heartbeat():
     registry.heartbeat("d1", WorkerLoad(kv_blocks_free=90, kv_blocks_total=100, block_size=16))
     assert d1.pending_blocks == 0 and d1.pending_requests == 0  # the report includes it now
     assert router.pick_decode(90 * 16).worker_id == "d1"
+
+
+def test_a_worker_of_another_engine_kind_is_refused_naming_both_sides():
+    import pytest
+
+    from pdmesh.errors import FailedPreconditionError
+
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0)
+    registry.register("d1", "decode", "127.0.0.1:1001", 1, WorkerLoad(), engine_kind="vllm")
+    registry.register("p1", "prefill", "127.0.0.1:1002", 1, WorkerLoad(), engine_kind="vllm")
+    with pytest.raises(FailedPreconditionError) as refused:
+        registry.register("p2", "prefill", "127.0.0.1:1003", 1, WorkerLoad(), engine_kind="pdmesh")
+    message = str(refused.value)
+    assert "prefill worker p2 runs the pdmesh engine" in message and "worker d1 runs the vllm engine" in message
+    assert "p2" not in registry.workers
+    registry.register("p1", "prefill", "127.0.0.1:1002", 1, WorkerLoad(), engine_kind="vllm")  # re-registration
+    registry.register("old", "prefill", "127.0.0.1:1004", 1, WorkerLoad())  # reports no kind: pairs with any
+
+
+def test_router_pairs_only_workers_of_one_engine_kind():
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0)
+    registry.register("p-native", "prefill", "127.0.0.1:1001", 1, WorkerLoad(queued_prompt_tokens=0),
+                      engine_kind="pdmesh")
+    # A vllm worker that joined while the native one was down (registration only sees healthy workers).
+    registry.workers["p-native"].last_heartbeat -= 60
+    registry.register("p-vllm", "prefill", "127.0.0.1:1002", 1, WorkerLoad(queued_prompt_tokens=500),
+                      engine_kind="vllm")
+    registry.heartbeat("p-native", WorkerLoad(queued_prompt_tokens=0))
+    router = Router(registry)
+    assert router.pick_prefill(engine_kind="vllm").worker_id == "p-vllm"  # though more loaded
+    assert router.pick_prefill(engine_kind="pdmesh").worker_id == "p-native"
+    assert router.prefill_fallbacks(registry.workers["p-vllm"]) == []

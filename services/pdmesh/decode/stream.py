@@ -8,6 +8,7 @@ frees the reservation here and the held KV on the prefill worker.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import AsyncIterator
@@ -104,7 +105,8 @@ class DecodeStream:
         return min(left, self.prefill_timeout_s)
 
     async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float):
-        """(engine request carrying the KV, prefill info, final chunk if the first token ends it)."""
+        """(engine request carrying the KV or its transfer handle, prefill info, final chunk if the
+        first token ends it)."""
         stub = self.clients.get(address)
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
                                         sampling=sampling_to_pb(request.params), output_offset=request.output_offset,
@@ -114,6 +116,12 @@ class DecodeStream:
         except grpc.aio.AioRpcError as exc:
             raise TransferError(f"prefill on {address} failed: {exc.code().name}: {exc.details()}") from exc
         info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds)
+        if result.kv_transfer_params:
+            # A transfer handle, not a KV tensor: the engine here pulls the KV through its own
+            # connector (vLLM NIXL) and makes the first token itself. A handle it never uses is
+            # rejected by the engine, so the prefill side frees the KV before its lease ends.
+            metrics.HANDOFF_HANDLES.inc()
+            return dataclasses.replace(request, kv_transfer_params=json.loads(result.kv_transfer_params)), info, None
         if result.finish_reason:
             chunk = decode_pb2.DecodeChunk(token_ids=[result.first_token], finish_reason=result.finish_reason,
                                            prefill=info)

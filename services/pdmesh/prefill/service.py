@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from pdmesh import metrics
@@ -48,11 +49,13 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         if output.queue_s is not None:
             metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
         finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
-        if not finish_reason:
+        # A transfer handle: the engine's connector holds the KV under its own lease, not KVSender.
+        handle = json.dumps(output.kv_transfer_params) if output.kv_transfer_params else ""
+        if not finish_reason and not handle:
             self.sender.hold(request.request_id)
         return prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
                                          num_tokens=len(prompt), layout=layout_to_pb(layout),
-                                         prefill_seconds=seconds)
+                                         prefill_seconds=seconds, kv_transfer_params=handle)
 
     async def PullKV(self, request, context):
         nbytes, seconds = await self.sender.send(request.request_id, request.channel_id, request.tag)

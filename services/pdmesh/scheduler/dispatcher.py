@@ -73,7 +73,7 @@ class Dispatcher:
                 decode = self.router.pick_decode(ticket.tokens)
                 prefill = None
                 if ticket.num_prompt_tokens >= self.local_prefill_threshold:
-                    prefill = self.router.pick_prefill()
+                    prefill = self.router.pick_prefill(engine_kind=decode.engine_kind)
             except ResourceExhaustedError:
                 return  # the head waits for KV blocks; strict order means everyone behind it waits too
             except UnavailableError as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pdmesh import metrics
 from pdmesh.errors import InvalidRequestError, NotFoundError
 from pdmesh.scheduler.circuit_breaker import CircuitBreaker
+from pdmesh.scheduler.engine_kinds import check_engine_kind
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class WorkerInfo:
     metrics_address: str = ""
     ranks: list = field(default_factory=list)  # (rank, pid, kv head ids) of its TP group
     restarts: int = 0  # times its supervisor restarted it
+    engine_kind: str = ""  # "pdmesh", "vllm", "echo"; empty: not reported
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_heartbeat: float = field(default_factory=time.monotonic)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -61,11 +63,13 @@ class WorkerRegistry:
         self.workers: dict[str, WorkerInfo] = {}
 
     def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
-                 metrics_address: str = "", ranks: list | None = None, restarts: int = 0) -> WorkerInfo:
+                 metrics_address: str = "", ranks: list | None = None, restarts: int = 0,
+                 engine_kind: str = "") -> WorkerInfo:
         if role not in ("prefill", "decode"):
             raise InvalidRequestError(f"role must be prefill or decode, got {role!r}", "role")
         if not worker_id or not address:
             raise InvalidRequestError("worker_id and address are required", "worker_id")
+        check_engine_kind(worker_id, role, engine_kind, self.workers.values(), self.healthy)
         info = self.workers.get(worker_id)
         if info is None:
             info = self.workers[worker_id] = WorkerInfo(worker_id, role, address)
@@ -73,6 +77,7 @@ class WorkerRegistry:
         info.role, info.address, info.tp_size, info.metrics_address = role, address, tp_size or 1, metrics_address
         info.ranks = list(ranks or [])
         info.restarts = restarts
+        info.engine_kind = engine_kind
         info.breaker = CircuitBreaker()  # a (re)started worker starts trusted
         self._report(info, load)
         return info

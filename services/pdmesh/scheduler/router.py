@@ -4,6 +4,7 @@ worker with the least queued prompt tokens."""
 from __future__ import annotations
 
 from pdmesh.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
+from pdmesh.scheduler.engine_kinds import compatible
 from pdmesh.scheduler.registry import WorkerInfo, WorkerRegistry
 
 
@@ -74,16 +75,20 @@ class Router:
                 f"(most free: {best:,} blocks)", retry_after_s=1.0)
         return max(fits, key=lambda w: (free_blocks(w), -w.load.running - w.pending_requests))
 
-    def pick_prefill(self, exclude: frozenset[str] = frozenset()) -> WorkerInfo:
-        candidates = [w for w in self.registry.routable("prefill") if w.worker_id not in exclude]
+    def pick_prefill(self, exclude: frozenset[str] = frozenset(), engine_kind: str = "") -> WorkerInfo:
+        """The least loaded prefill worker whose KV a decode worker of `engine_kind` can take."""
+        candidates = [w for w in self.registry.routable("prefill")
+                      if w.worker_id not in exclude and compatible(w.engine_kind, engine_kind)]
         if not candidates:
-            raise UnavailableError("no healthy prefill worker is registered")
+            raise UnavailableError("no healthy prefill worker is registered"
+                                   + (f" with the {engine_kind} engine" if engine_kind else ""))
         return min(candidates, key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
 
-
     def prefill_fallbacks(self, chosen: WorkerInfo, limit: int = 2) -> list[str]:
-        """Addresses of other routable prefill workers, least loaded first, to try if chosen fails."""
-        others = [w for w in self.registry.routable("prefill") if w.worker_id != chosen.worker_id]
+        """Addresses of other routable prefill workers of the same engine kind, least loaded first,
+        to try if chosen fails."""
+        others = [w for w in self.registry.routable("prefill")
+                  if w.worker_id != chosen.worker_id and compatible(w.engine_kind, chosen.engine_kind)]
         others.sort(key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
         return [w.address for w in others[:limit]]
 

@@ -124,7 +124,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def Register(self, request, context):
         self.registry.register(request.worker_id, request.role, request.address, request.tp_size,
                                load_from_pb(request.load), request.metrics_address,
-                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts)
+                               [(r.rank, r.pid, tuple(r.kv_head_ids)) for r in request.tp_ranks], request.restarts,
+                               request.engine_kind)
         await self.on_change()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 

@@ -164,7 +164,8 @@ class MeshStream:
         while True:
             try:
                 decode = self.router.pick_decode(spec.num_tokens, exclude=frozenset(progress.failed_decode))
-                prefill = None if prompt_len < self.local_prefill_threshold else self.router.pick_prefill()
+                prefill = None if prompt_len < self.local_prefill_threshold else self.router.pick_prefill(
+                    engine_kind=decode.engine_kind)
                 return Assignment(decode, prefill, prompt_len, spec.num_tokens)
             except (ResourceExhaustedError, UnavailableError) as exc:
                 now = time.monotonic()

@@ -12,10 +12,11 @@ import torch
 from pdmesh import metrics
 from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
-from pdmesh.engine.checkpoint import load_checkpoint
+from pdmesh.engine.checkpoint import load_checkpoint, load_model_metadata
 from pdmesh.engine.echo_model import EchoModel, echo_config
 from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.vllm_model_folder import ensure_vllm_folder
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
 from pdmesh.worker.convert import layout_to_pb
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def apply_cpu_placement(cpu: CpuPlacement) -> None:
+    if cpu.cpu_ids():
+        os.sched_setaffinity(0, cpu.cpu_ids())
     if cpu.threads:
         torch.set_num_threads(cpu.threads)
     if cpu.nice:
@@ -38,6 +41,8 @@ def group_threads(config: WorkerConfig) -> CpuPlacement:
 
 def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
     """The worker's engine, behind the worker interface; the worker steps it on its main thread."""
+    if config.engine_kind == "vllm":
+        return _log_started(config, start_vllm_engine(config))
     apply_cpu_placement(group_threads(config))
     checkpoint = load_checkpoint(config.model, log=log.info)
     if config.tp > 1:
@@ -53,6 +58,30 @@ def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
                              own_thread=False, kind="echo")
     else:
         engine = AsyncEngine(LLMEngine(checkpoint.config, checkpoint.weights, config.engine), own_thread=False)
+    return _log_started(config, engine)
+
+
+def start_vllm_engine(config: WorkerConfig) -> Engine:
+    """vLLM in this process (its EngineCore in a child), on an HF folder of the model. Its OpenMP
+    threads are pinned to --cpus; the worker's own process is not (it only serves gRPC)."""
+    from pdmesh.engine.vllm_engine import VllmEngine
+    from pdmesh.engine.vllm_settings import VllmSettings, require_vllm
+
+    require_vllm()  # before any conversion: a missing package is the first thing to say
+    if config.cpu.nice:
+        os.nice(config.cpu.nice)
+    model = load_model_metadata(config.model, log=log.info).config
+    settings = VllmSettings(
+        model_dir=str(ensure_vllm_folder(config.model, log=log.info)), role=config.role,
+        max_model_len=min(config.engine.max_model_len or model.max_position_embeddings, model.max_position_embeddings),
+        kv_cache_bytes=int(config.engine.kv_cache_gib * 2**30), max_num_seqs=config.engine.max_num_seqs,
+        max_num_batched_tokens=config.engine.max_num_batched_tokens, dtype=config.engine.dtype, cpus=config.cpu.cpus,
+        side_channel_host=config.listen.advertised_host(), side_channel_port=config.kv_side_channel_port,
+        kv_lease_s=max(1, round(config.held_kv_ttl_s)), eos_token_ids=model.eos_token_ids)
+    return VllmEngine(settings, model)
+
+
+def _log_started(config: WorkerConfig, engine: Engine) -> Engine:
     load = engine.load()
     log.info("%s worker: %s (%s engine), %d KV blocks of %d tokens, %d threads, nice %d", config.role,
              engine.model_name, engine.kind, load.total_blocks, load.block_size, torch.get_num_threads(), os.nice(0))
@@ -101,4 +130,5 @@ class WorkerState:
                                             model=self.engine.model_name, tp_size=self.config.tp,
                                             tp_ranks=self.tp_ranks(),
                                             layout=layout_to_pb(self.engine.layout),
-                                            metrics_address=self.metrics_address, restarts=self.config.restarts)
+                                            metrics_address=self.metrics_address, restarts=self.config.restarts,
+                                            engine_kind=self.engine.kind)

@@ -74,7 +74,8 @@ class PrefillWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
-        """/ Prefills a prompt and holds its KV until PullKV or ReleaseKV (or a TTL) frees it.
+        """/ Prefills a prompt and holds its KV until PullKV or ReleaseKV (or a TTL) frees it, or, on a
+        / vLLM worker, returns a transfer handle for the decode worker's engine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

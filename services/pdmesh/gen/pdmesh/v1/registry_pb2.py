@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.gen.pdmesh.v1 import worker_pb2 as pdmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdmesh/v1/registry.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\xfd\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12#\n\x08tp_ranks\x18\t \x03(\x0b\x32\x11.pdmesh.v1.TPRank\x12\x10\n\x08restarts\x18\n \x01(\x03\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\"\x13\n\x11HeartbeatResponse2\x97\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdmesh/v1/registry.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\x92\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12#\n\x08tp_ranks\x18\t \x03(\x0b\x32\x11.pdmesh.v1.TPRank\x12\x10\n\x08restarts\x18\n \x01(\x03\x12\x13\n\x0b\x65ngine_kind\x18\x0b \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\"\x13\n\x11HeartbeatResponse2\x97\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.gen.pdmesh.v1.regist
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=64
-  _globals['_REGISTERREQUEST']._serialized_end=317
-  _globals['_REGISTERRESPONSE']._serialized_start=319
-  _globals['_REGISTERRESPONSE']._serialized_end=367
-  _globals['_HEARTBEATREQUEST']._serialized_start=369
-  _globals['_HEARTBEATREQUEST']._serialized_end=443
-  _globals['_HEARTBEATRESPONSE']._serialized_start=445
-  _globals['_HEARTBEATRESPONSE']._serialized_end=464
-  _globals['_REGISTRY']._serialized_start=467
-  _globals['_REGISTRY']._serialized_end=618
+  _globals['_REGISTERREQUEST']._serialized_end=338
+  _globals['_REGISTERRESPONSE']._serialized_start=340
+  _globals['_REGISTERRESPONSE']._serialized_end=388
+  _globals['_HEARTBEATREQUEST']._serialized_start=390
+  _globals['_HEARTBEATREQUEST']._serialized_end=464
+  _globals['_HEARTBEATRESPONSE']._serialized_start=466
+  _globals['_HEARTBEATRESPONSE']._serialized_end=485
+  _globals['_REGISTRY']._serialized_start=488
+  _globals['_REGISTRY']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

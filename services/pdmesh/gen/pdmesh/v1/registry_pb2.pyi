@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "tp_size", "layout", "load", "metrics_address", "tp_ranks", "restarts")
+    __slots__ = ("worker_id", "role", "address", "model", "tp_size", "layout", "load", "metrics_address", "tp_ranks", "restarts", "engine_kind")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class RegisterRequest(_message.Message):
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TP_RANKS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_KIND_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -29,7 +30,8 @@ class RegisterRequest(_message.Message):
     metrics_address: str
     tp_ranks: _containers.RepeatedCompositeFieldContainer[_worker_pb2.TPRank]
     restarts: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., tp_size: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ..., tp_ranks: _Optional[_Iterable[_Union[_worker_pb2.TPRank, _Mapping]]] = ..., restarts: _Optional[int] = ...) -> None: ...
+    engine_kind: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., tp_size: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ..., tp_ranks: _Optional[_Iterable[_Union[_worker_pb2.TPRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., engine_kind: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)
