@@ -24,6 +24,8 @@ from pdmesh.engine.vllm_settings import VllmSettings, require_vllm
 from pdmesh.errors import FailedPreconditionError, InvalidRequestError, ResourceExhaustedError
 from support.vllm import needs_vllm
 
+pytestmark = pytest.mark.vllm
+
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a helpful assistant."},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from pdmesh.engine.descendant_guard import DescendantGuard
 from pdmesh.engine.engine_protocol import EngineLoad, KVFingerprint
 from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.model_config import ModelConfig
@@ -60,9 +62,14 @@ class VllmEngine:
         self._unstarted: dict[str, EngineRequest] = {}  # on self._loop: tasks that have not run yet
         self._loop = asyncio.new_event_loop()
         self._running = threading.Event()  # run_here() is running the loop
+        self._guard = DescendantGuard()  # vLLM's children die with this process, even on SIGKILL
         os.environ.update(settings.environment(self.side_channel_port))
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # --kv-cache-gib decides, not a stray variable
-        self._llm = self._loop.run_until_complete(self._start())
+        try:
+            self._llm = self._loop.run_until_complete(self._start())
+        except BaseException:
+            self._guard.release()
+            raise
         cache = self._llm.vllm_config.cache_config
         self.num_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
 
@@ -91,12 +98,15 @@ class VllmEngine:
             if not self._running.is_set():
                 break
             time.sleep(0.1)
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+        del llm  # now, not at interpreter exit, when vLLM's __del__ fails noisily
         pending = asyncio.all_tasks(self._loop)
         for task in pending:
             task.cancel()
         self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
+        self._guard.release()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -278,6 +288,20 @@ def _stat_logger(stats: _SchedulerStats):
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: vLLM binds its own ZMQ sockets to ports the
+    kernel picks from that range, and one of them once took a side-channel port chosen there
+    between our choice and vLLM's bind."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise EngineError(f"no free port for the NIXL side channel on {host}; set --kv-side-channel-port")
