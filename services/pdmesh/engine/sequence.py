@@ -25,6 +25,8 @@ class EngineRequest:
     prefill_only: compute the prompt's KV and first token, then hold the blocks for export.
     kv / first_token: the prompt's KV was computed elsewhere (a prefill worker); import it,
     start from first_token and decode.
+    kv_transfer_params: the prompt's KV waits on another engine behind a transfer handle (vLLM's
+    KV connector); the engine pulls it itself, then makes every output token, the first included.
     """
 
     request_id: str
@@ -34,6 +36,7 @@ class EngineRequest:
     kv: torch.Tensor | None = None  # [layers, 2, prompt tokens, local kv heads, head_dim]
     first_token: int | None = None
     output_offset: int = 0  # output tokens before this request's (a resumed stream): seeds continue
+    kv_transfer_params: dict | None = None
 
 
 @dataclass(slots=True)
@@ -46,6 +49,7 @@ class EngineOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     queue_s: float | None = None  # on the first output: seconds the request waited to be scheduled
+    kv_transfer_params: dict | None = None  # prefill on a connector engine: the handle decode submits
 
     @property
     def finished(self) -> bool:

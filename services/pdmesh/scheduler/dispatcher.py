@@ -71,7 +71,7 @@ class Dispatcher:
         while (ticket := self.queue.peek()) is not None:
             try:
                 decode = self.router.pick_decode(ticket.tokens)
-                prefill = self.router.pick_prefill_for(ticket.num_prompt_tokens, self.local_prefill_threshold)
+                prefill = self.router.pick_prefill_for(ticket.num_prompt_tokens, self.local_prefill_threshold, decode)
             except ResourceExhaustedError:
                 return  # the head waits for KV blocks; strict order means everyone behind it waits too
             except UnavailableError as exc:

@@ -196,7 +196,7 @@ class MeshStream:
         while True:
             try:
                 decode = self.router.pick_decode(spec.num_tokens, exclude=frozenset(progress.failed_decode))
-                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold)
+                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold, decode)
                 return Assignment(decode, prefill, prompt_len, spec.num_tokens)
             except (ResourceExhaustedError, UnavailableError) as exc:
                 now = time.monotonic()
