@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdmesh.errors import UnavailableError
 from pdmesh.scheduler.circuit_breaker import CircuitBreaker
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.router import Assignment, Router
