@@ -109,8 +109,10 @@ def test_a_worker_of_another_engine_kind_is_refused(vllm_cluster):
     log = vllm_cluster.logs / "prefill-native.log"
     try:
         vllm_cluster.wait_until(lambda: "refused this worker" in log.read_text(), 180, "the refusal")
-        assert ("prefill worker prefill-native runs the pdmesh engine, but" in log.read_text()
-                and "runs the vllm engine" in log.read_text())
+        refusal = log.read_text()
+        assert "prefill worker prefill-native cannot pair with decode worker decode-" in refusal
+        assert "engine kind differs (prefill-native: model SmolLM2-135M-Instruct.Q4_1, engine pdmesh" in refusal
+        assert "engine vllm, KV 30 layers x 3 heads x 64 float32" in refusal
         assert "prefill-native" not in {w.worker_id for w in vllm_cluster.workers()}
     finally:
         vllm_cluster.kill("prefill-native")
