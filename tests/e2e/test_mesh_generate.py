@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 
 from pdmesh.rpc.errors import rich_details
 
+from support.metrics import metric
 from support.mesh import LOCAL_PREFILL_THRESHOLD, engine_greedy
 
 CHATS = [
@@ -58,12 +58,7 @@ def test_raw_prompt_and_token_ids_agree(mesh, reference_engine):
 def test_short_prompt_is_prefilled_locally_and_long_remotely(mesh, reference_engine):
     """Conditional disaggregation: only prompts at or over the threshold cross the KV channel."""
     def handoff_bytes() -> float:
-        total = 0.0
-        for w in mesh.workers("decode"):
-            body = urllib.request.urlopen(f"http://{w.metrics_address}/metrics").read().decode()
-            total += sum(float(line.split()[-1]) for line in body.splitlines()
-                         if line.startswith("pdmesh_kv_handoff_bytes_total"))
-        return total
+        return sum(metric(w.metrics_address, "pdmesh_kv_handoff_bytes_total") for w in mesh.workers("decode"))
     before = handoff_bytes()
     short = list(range(100, 100 + LOCAL_PREFILL_THRESHOLD - 1))
     with mesh.client() as client:

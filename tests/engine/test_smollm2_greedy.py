@@ -11,13 +11,8 @@ from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
 from support.tiny_model import run_to_end
+from support.greedy_prompts import CHATS, greedy_prompt_ids
 
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Write a haiku about the sea."}],
-]
-RAW = ["The quick brown fox", "def fibonacci(n):\n    "]
 NEW_TOKENS = 24
 
 
@@ -28,7 +23,7 @@ def smollm2(smollm2_path):
 
 
 def prompts(tokenizer) -> list[list[int]]:
-    return [tokenizer.apply_chat_template(c) for c in CHATS] + [tokenizer.encode(t) for t in RAW]
+    return greedy_prompt_ids(tokenizer)
 
 
 def hf_reference(hf_model, prompt: list[int]) -> list[int]:

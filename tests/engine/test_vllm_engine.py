@@ -23,15 +23,10 @@ from pdmesh.engine.vllm_model_folder import ensure_vllm_folder, hf_config
 from pdmesh.engine.vllm_settings import VllmSettings, require_vllm
 from pdmesh.errors import FailedPreconditionError, InvalidRequestError, ResourceExhaustedError
 from support.vllm import needs_vllm
+from support.greedy_prompts import greedy_prompt_ids
 
 pytestmark = pytest.mark.vllm
 
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Write a haiku about the sea."}],
-]
-RAW = ["The quick brown fox", "def fibonacci(n):\n    "]
 NEW_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
 
@@ -88,7 +83,7 @@ def engines():
 @pytest.fixture(scope="module")
 def prompts(smollm2_path):
     tokenizer = load_model_metadata(smollm2_path, log=lambda _: None).tokenizer
-    return [tokenizer.apply_chat_template(c) for c in CHATS] + [tokenizer.encode(t) for t in RAW]
+    return greedy_prompt_ids(tokenizer)
 
 
 def hf_reference(hf_model, prompt: list[int]) -> list[int]:

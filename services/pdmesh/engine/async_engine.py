@@ -16,6 +16,7 @@ from pdmesh.engine.device import memory_used_bytes
 from pdmesh.engine.engine_protocol import EngineLoad, KVFingerprint
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sequence import EngineOutput, EngineRequest
+from pdmesh.engine.request_checks import stream_outputs
 from pdmesh.errors import EngineError, FailedPreconditionError
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,13 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Yield the request's outputs as they come; leaving early (cancel, break) aborts it."""
         queue = self._open(request)
-        finished = False
-        try:
-            while not finished:
-                output = await queue.get()
-                finished = output.finished
-                yield output
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
+        async for output in stream_outputs(queue, lambda finished: self._close_stream(request.request_id, finished)):
+            yield output
+
+    def _close_stream(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
 
     async def prefill(self, request: EngineRequest) -> EngineOutput:
         """Prefill only: returns the first token. Unless that token already ends the request

@@ -29,6 +29,7 @@ from pdmesh.engine.model import AllReduce, LlamaModel
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.engine.sampler import sample
 from pdmesh.engine.sequence import EngineOutput, EngineRequest, Sequence, SequenceStatus
+from pdmesh.engine.request_checks import check_prompt_ids
 from pdmesh.errors import EngineError, InvalidRequestError
 
 
@@ -114,12 +115,7 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise InvalidRequestError if this request could never run here."""
-        if not prompt_ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")
+        check_prompt_ids(prompt_ids, self.model_config.vocab_size)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_ids):,} tokens; max-model-len is {self.max_model_len:,}", "prompt")

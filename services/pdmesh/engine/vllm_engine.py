@@ -28,6 +28,7 @@ from pdmesh.engine.kv_cache import KVLayout
 from pdmesh.engine.model_config import ModelConfig
 from pdmesh.engine.sequence import EngineOutput, EngineRequest
 from pdmesh.engine.vllm_settings import VllmSettings, require_vllm
+from pdmesh.engine.request_checks import check_prompt_ids, stream_outputs
 from pdmesh.errors import EngineError, InvalidRequestError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,13 @@ class VllmEngine:
         caller, queue = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[request.request_id] = queue
         self._loop.call_soon_threadsafe(self._submit, request, _deliverer(caller, queue))
-        finished = False
-        try:
-            while not finished:
-                output = await queue.get()
-                finished = output.finished
-                yield output
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
+        async for output in stream_outputs(queue, lambda finished: self._close_stream(request.request_id, finished)):
+            yield output
+
+    def _close_stream(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
 
     async def prefill(self, request: EngineRequest) -> EngineOutput:
         """Run the prompt with max_tokens=1 and keep its KV for a remote decode: returns the first
@@ -147,12 +145,7 @@ class VllmEngine:
         self._loop.call_soon_threadsafe(self._cancel, request_id)
 
     def validate(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt_token_ids")
+        check_prompt_ids(prompt_ids, self.model_config.vocab_size)
         limit = self.settings.max_model_len
         if len(prompt_ids) + max_tokens > limit:
             raise InvalidRequestError(f"prompt + max_tokens is {len(prompt_ids) + max_tokens:,} tokens; "
