@@ -55,13 +55,8 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Yield the request's outputs as they come; leaving early (cancel, break) aborts it."""
         queue = self._open(request)
-        async for output in stream_outputs(queue, lambda finished: self._close_stream(request.request_id, finished)):
+        async for output in stream_outputs(queue, self._streams, request.request_id, self.abort):
             yield output
-
-    def _close_stream(self, request_id: str, finished: bool) -> None:
-        self._streams.pop(request_id, None)
-        if not finished:
-            self.abort(request_id)
 
     async def prefill(self, request: EngineRequest) -> EngineOutput:
         """Prefill only: returns the first token. Unless that token already ends the request

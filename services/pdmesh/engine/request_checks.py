@@ -18,9 +18,10 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt_token_ids")
 
 
-async def stream_outputs(queue: asyncio.Queue, close: Callable[[bool], None]) -> AsyncIterator[EngineOutput]:
+async def stream_outputs(queue: asyncio.Queue, streams: dict, request_id: str,
+                         abort: Callable[[str], None]) -> AsyncIterator[EngineOutput]:
     """Yield a request's outputs from `queue` until one is final; then, or when the caller leaves
-    early, `close(finished)` (an engine aborts what did not finish)."""
+    early, drop it from the engine's open `streams` and `abort` it if it did not finish."""
     finished = False
     try:
         while not finished:
@@ -28,4 +29,6 @@ async def stream_outputs(queue: asyncio.Queue, close: Callable[[bool], None]) ->
             finished = output.finished
             yield output
     finally:
-        close(finished)
+        streams.pop(request_id, None)
+        if not finished:
+            abort(request_id)

@@ -119,13 +119,8 @@ class VllmEngine:
         caller, queue = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[request.request_id] = queue
         self._loop.call_soon_threadsafe(self._submit, request, _deliverer(caller, queue))
-        async for output in stream_outputs(queue, lambda finished: self._close_stream(request.request_id, finished)):
+        async for output in stream_outputs(queue, self._streams, request.request_id, self.abort):
             yield output
-
-    def _close_stream(self, request_id: str, finished: bool) -> None:
-        self._streams.pop(request_id, None)
-        if not finished:
-            self.abort(request_id)
 
     async def prefill(self, request: EngineRequest) -> EngineOutput:
         """Run the prompt with max_tokens=1 and keep its KV for a remote decode: returns the first
