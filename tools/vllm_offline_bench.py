@@ -1,6 +1,6 @@
 """vLLM offline throughput on fixed token-id prompts; run with vLLM's own interpreter.
 
-    /opt/vllm-venv/bin/python tools/vllm_offline_bench.py --model DIR --prompts-file P.json
+    .venv-vllm/bin/python tools/vllm_offline_bench.py --model DIR --prompts-file P.json
 
 Greedy, exactly --new-tokens tokens per sequence (min_tokens = max_tokens, ignore_eos), one
 warm-up per batch size, then the best of --repeats timed `generate` calls for 1 sequence (the

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-VLLM_PYTHON = "/opt/vllm-venv/bin/python"
+VLLM_PYTHON = str(Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python")  # tools/run_tests.sh builds it
 HF_DIR = Path.home() / ".cache" / "pdmesh" / "hf-smollm2"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never a proxy
 
