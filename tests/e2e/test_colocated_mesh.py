@@ -3,11 +3,9 @@ each prefilling the prompts it serves, long ones included; the text equals the e
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
-from support.mesh import engine_greedy, start_mesh
+from support.mesh import engine_greedy, handoff_bytes, start_mesh
 
 COLORS = ("red", "green", "blue", "yellow", "purple")
 # About 300 tokens: far over the default local-prefill threshold (64), and a question to answer.
@@ -23,15 +21,6 @@ def colocated(tmp_path_factory, smollm2_path):
     yield mesh
     assert mesh.stop() == 0, log.read_text()[-3000:]
     assert not mesh.leftovers(), f"processes left behind: {mesh.leftovers()}"
-
-
-def handoff_bytes(mesh) -> float:
-    total = 0.0
-    for w in mesh.workers("decode"):
-        body = urllib.request.urlopen(f"http://{w.metrics_address}/metrics").read().decode()
-        total += sum(float(line.split()[-1]) for line in body.splitlines()
-                     if line.startswith("pdmesh_kv_handoff_bytes_total"))
-    return total
 
 
 def test_ready_and_warm_up_without_a_prefill_worker(colocated):

@@ -4,7 +4,6 @@ token-exact (float32)."""
 
 from __future__ import annotations
 
-import urllib.request
 
 import pytest
 
@@ -13,7 +12,7 @@ from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
-from support.mesh import start_mesh
+from support.mesh import handoff_bytes, start_mesh
 from support.offline_model import write_offline_model
 from support.tiny_model import run_to_end
 
@@ -36,15 +35,6 @@ def gpu_mesh(tmp_path_factory, model_dir, device):
     yield mesh
     if mesh.process.poll() is None:
         assert mesh.stop() == 0, log.read_text()[-3000:]
-
-
-def handoff_bytes(mesh) -> float:
-    total = 0.0
-    for w in mesh.workers("decode"):
-        body = urllib.request.urlopen(f"http://{w.metrics_address}/metrics").read().decode()
-        total += sum(float(line.split()[-1]) for line in body.splitlines()
-                     if line.startswith("pdmesh_kv_handoff_bytes_total"))
-    return total
 
 
 def test_remote_prefill_on_one_gpu_is_token_exact(gpu_mesh, model_dir, device):
