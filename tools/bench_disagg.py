@@ -164,7 +164,8 @@ def table(results: list[Result], heading: str) -> str:
                      *("-" if v is None or not values[0] else f"x{v / values[0]:.2f}" for v in values[1:])])
     widths = [max(len(row[i]) if i < len(row) else 0 for row in [header, *rows]) for i in range(len(header))]
     lines = [heading, *("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows])]
-    return "\n".join(lines)
+    statuses = [", ".join(f"{k} {v}" for k, v in sorted(r.all.statuses.items())) for r in results]
+    return "\n".join(lines + ["statuses: " + "; ".join(f"{r.name}: {s}" for r, s in zip(results, statuses))])
 
 
 def describe(args) -> str:

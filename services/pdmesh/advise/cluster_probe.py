@@ -23,7 +23,9 @@ class ClusterProbe:
         self.client, self.poll_s = client, poll_s
 
     def workers(self) -> list[WorkerView]:
-        return [WorkerView.from_pb(w) for w in self.client.cluster_status().workers if w.healthy]
+        """Every registered worker, healthy or not: one that missed heartbeats under load is still
+        part of the mesh being sized."""
+        return [WorkerView.from_pb(w) for w in self.client.cluster_status().workers]
 
     async def watch(self, done: asyncio.Event) -> PhaseSignals:
         """Signals from now until `done` is set."""
@@ -44,7 +46,14 @@ class ClusterProbe:
 
 
 def _scrape_all(workers: list[WorkerView]) -> dict[str, WorkerMetrics]:
-    return {w.worker_id: scrape(w.metrics_address, SCRAPE_TIMEOUT_S) for w in workers if w.metrics_address}
+    """Each readable worker's metrics; one that does not answer is left out of the busy shares."""
+    read = {}
+    for w in (w for w in workers if w.metrics_address):
+        try:
+            read[w.worker_id] = scrape(w.metrics_address, SCRAPE_TIMEOUT_S)
+        except (OSError, ValueError):
+            continue
+    return read
 
 
 def signals(workers: list[WorkerView], polls: list[list[WorkerView]], deltas: dict[str, WorkerMetrics],
