@@ -40,7 +40,9 @@ from pdmesh.bench.summary import Summary, summarize  # noqa: E402
 from pdmesh.bench.workload import make_workload  # noqa: E402
 from support.mesh import start_mesh  # noqa: E402
 
-COMMON = ("--max-model-len", "2048", "--kv-cache-gib", "0.25", "--http-port", "-1")
+# A heartbeat timeout of 20 s: on shared cores a worker busy with a long prefill missed the default
+# 3 s and left routing, which measured the failure detector instead of the setting.
+COMMON = ("--max-model-len", "2048", "--kv-cache-gib", "0.25", "--http-port", "-1", "--heartbeat-timeout", "20")
 SETUPS = {  # name -> pdmesh serve flags (besides COMMON)
     "disagg decode-pace": ("--prefill-workers", "1", "--decode-workers", "1", "--prefill-threads", "1",
                            "--decode-threads", "1", "--prefill-nice", "10"),
