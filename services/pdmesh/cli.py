@@ -1,4 +1,4 @@
-"""`pdmesh serve | scheduler | prefill | decode | exporter | bench`: every flag comes from the config dataclasses
+"""`pdmesh serve | scheduler | prefill | decode | exporter | bench | advise`: every flag comes from the config dataclasses
 (`pdmesh.config`, `pdmesh.serve_config`, `pdmesh.engine.engine_config`) through
 `pdmesh.config_loader`; this file only names which configs each command builds."""
 
@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from pdmesh import config_loader
+from pdmesh.advise.advise_config import ADVISE_SKIPS_BENCH_FLAGS, AdviseConfig
 from pdmesh.bench.bench_config import BenchConfig
 from pdmesh.config import SchedulerConfig, WorkerConfig
 from pdmesh.errors import PdmeshError
@@ -30,6 +31,9 @@ COMMANDS: dict[str, tuple[str, dict[str, type], dict[str, set[str]]]] = {
                  {"exporter": ExporterConfig}, {}),
     "bench": ("load a pdmesh scheduler or any OpenAI-compatible server and report latency and throughput",
               {"bench": BenchConfig}, {}),
+    "advise": ("sweep the request rate against a running mesh: find the knee, the phase that saturates first "
+               "and the prefill:decode worker ratio the load wants",
+               {"advise": AdviseConfig, "bench": BenchConfig}, {"bench": ADVISE_SKIPS_BENCH_FLAGS}),
 }
 
 
@@ -70,6 +74,9 @@ def configs_from(args: argparse.Namespace, env: dict[str, str] | None = None) ->
         return replace(exporter, security=exporter.security.with_secret(env))
     if args.command == "bench":
         return config_loader.build(BenchConfig, "bench", flags, values)
+    if args.command == "advise":
+        return config_loader.build(AdviseConfig, "advise", flags, values,
+                                   bench=config_loader.build(BenchConfig, "bench", flags, values))
     scheduler = config_loader.build(SchedulerConfig, "scheduler", flags, values)
     scheduler = replace(scheduler, security=scheduler.security.with_secret(env))
     if args.command == "scheduler":
@@ -107,6 +114,9 @@ def _run(command: str, config: Any, log_level: str) -> int:
     if command == "bench":
         from pdmesh.bench.main import run_bench
         return run_bench(config)
+    if command == "advise":
+        from pdmesh.advise.main import run_advise
+        return run_advise(config)
     from pdmesh.child import run_service
     run_service(config)
     return 0

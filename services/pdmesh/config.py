@@ -23,6 +23,7 @@ ENGINES = ("pdmesh", "echo", "vllm")  # echo: no model, tokens from EchoModel (l
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECRET_ENV = "PDMESH_CLUSTER_SECRET"
 DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API's usual port (vLLM, SGLang)
+COLOCATED_THRESHOLD = 2**62  # longer than any prompt: the decode worker prefills them all
 MODEL_OPTION = option("GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
 OTLP_OPTION = option("host:port of an OTLP/gRPC collector: export trace spans there (unset: tracing off)")
 
@@ -188,6 +189,9 @@ class SchedulerConfig:
         "TOML file of tenants: API keys and rate limits"))
     local_prefill_threshold: int = field(default=64, metadata=option(
         "prompts shorter than this are prefilled on the decode worker (0: never; 64 measured best on CPU)"))
+    colocated: bool = field(default=False, metadata=option(
+        "colocated mode: the decode worker that serves a prompt prefills it too, whatever its length; no prefill "
+        "workers are used or needed (pdmesh serve --prefill-workers 0 sets it)"))
     heartbeat_interval_s: float = field(default=1.0, metadata=option(
         "seconds between a worker's heartbeats", flag="heartbeat-interval"))
     heartbeat_timeout_s: float = field(default=3.0, metadata=option(
@@ -230,6 +234,10 @@ class SchedulerConfig:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidRequestError("--tls-cert and --tls-key go together", "tls_cert")
+
+    def prefill_threshold(self) -> int:
+        """Prompts shorter than this are prefilled on their decode worker: every prompt when colocated."""
+        return COLOCATED_THRESHOLD if self.colocated else self.local_prefill_threshold
 
     def internal_address(self) -> str:
         """What workers dial for membership (their --scheduler)."""

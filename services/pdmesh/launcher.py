@@ -129,8 +129,10 @@ def warm_up(config: ServeConfig) -> None:
 def print_ready(config: ServeConfig) -> None:
     address = config.scheduler_address()
     chat = '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
-    print(f"\npdmesh is ready: scheduler on {address} with {config.prefill.workers} prefill and "
-          f"{config.decode.workers} decode workers (supervised: a worker that exits is restarted)", flush=True)
+    workers = (f"{config.decode.workers} colocated decode workers (each prefills its own prompts)"
+               if config.colocated else f"{config.prefill.workers} prefill and {config.decode.workers} decode workers")
+    print(f"\npdmesh is ready: scheduler on {address} with {workers} (supervised: a worker that exits is "
+          f"restarted)", flush=True)
     print(f"  try:  grpcurl -plaintext -d '{chat}' {address} pdmesh.v1.Scheduler/Generate", flush=True)
     print(f"  or:   python tools/pdmesh_debug.py --addr {address} generate 'What is the capital of France?'",
           flush=True)
@@ -154,7 +156,7 @@ def check_devices(config: ServeConfig) -> None:
 def serve(config: ServeConfig, log_level: str | None = None) -> int:
     log_level = log_level or logging.getLevelName(logging.getLogger().level)
     check_devices(config)
-    config = with_concrete_ports(config)
+    config = with_concrete_ports(config.with_mode())
     supervisor = Supervisor(config.supervision)
 
     def on_signal(signum, _frame):

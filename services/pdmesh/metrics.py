@@ -46,6 +46,9 @@ QUEUED = Gauge("pdmesh_requests_queued", "Requests waiting")
 ENGINE_QUEUE_TIME = Histogram("pdmesh_engine_queue_time_seconds",
                               "Time a request waited in a worker's engine for KV blocks and a batch slot",
                               buckets=_LATENCY_BUCKETS)
+ENGINE_BUSY = Counter("pdmesh_engine_busy_seconds_total",
+                      "Seconds the worker's engine spent computing steps (its rate: the share of time busy); "
+                      "updated at each heartbeat")
 KV_BLOCKS_FREE = Gauge("pdmesh_kv_blocks_free", "Free KV cache blocks")
 KV_BLOCKS_TOTAL = Gauge("pdmesh_kv_blocks_total", "All KV cache blocks")
 HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from prefill to decode")

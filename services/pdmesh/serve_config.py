@@ -24,7 +24,8 @@ DEFAULT_NICE = {"prefill": 10, "decode": 0}
 class RolePlan:
     """The workers of one role that serve starts (flags `--prefill-*`, `--decode-*`)."""
 
-    workers: int = field(default=1, metadata=option("{role} workers to run"))
+    workers: int = field(default=1, metadata=option(
+        "{role} workers to run (prefill 0: colocated mode, each decode worker prefills its own prompts)"))
     tp: int = field(default=1, metadata=option("tensor-parallel size of each {role} worker"))
     threads: int = field(default=0, metadata=option("torch threads of each {role} worker (0: all cores)"))
     nice: int | None = field(default=None, metadata=option(
@@ -32,8 +33,8 @@ class RolePlan:
     cpus: str = field(default="", metadata=option("CPU ids of each {role} worker's engine, e.g. 0-1 (empty: all)"))
 
     def __post_init__(self):
-        if self.workers < 1 or self.tp < 1 or self.threads < 0:
-            raise InvalidRequestError("workers and tp must be >= 1 and threads >= 0")
+        if self.workers < 0 or self.tp < 1 or self.threads < 0:
+            raise InvalidRequestError("workers must be >= 0, tp >= 1 and threads >= 0")
         CpuPlacement(cpus=self.cpus)  # refuses a malformed CPU list
 
 
@@ -71,6 +72,21 @@ class ServeConfig:
     def __post_init__(self):
         for role in ("prefill", "decode"):  # each worker's own config would refuse it, later
             replace(self.worker, role=role, tp=self.plan(role).tp)
+        if self.decode.workers < 1:
+            raise InvalidRequestError("decode-workers must be >= 1: decode workers serve every stream",
+                                      "decode_workers")
+        if self.scheduler.colocated and self.prefill.workers:
+            raise InvalidRequestError(f"--colocated uses no prefill workers; got --prefill-workers "
+                                      f"{self.prefill.workers} (set it to 0)", "prefill_workers")
+
+    @property
+    def colocated(self) -> bool:
+        """No prefill workers: each decode worker prefills the prompts it serves."""
+        return self.prefill.workers == 0
+
+    def with_mode(self) -> "ServeConfig":
+        """This config with the scheduler told it is colocated when serve runs no prefill workers."""
+        return replace(self, scheduler=replace(self.scheduler, colocated=self.colocated))
 
     def scheduler_address(self) -> str:
         return self.scheduler.listen.dial(self.scheduler.listen.port)

@@ -10,8 +10,7 @@ import pytest
 
 from pdmesh.rpc.errors import rich_details
 
-from support.metrics import metric
-from support.mesh import LOCAL_PREFILL_THRESHOLD, engine_greedy
+from support.mesh import LOCAL_PREFILL_THRESHOLD, engine_greedy, handoff_bytes
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -57,19 +56,17 @@ def test_raw_prompt_and_token_ids_agree(mesh, reference_engine):
 
 def test_short_prompt_is_prefilled_locally_and_long_remotely(mesh, reference_engine):
     """Conditional disaggregation: only prompts at or over the threshold cross the KV channel."""
-    def handoff_bytes() -> float:
-        return sum(metric(w.metrics_address, "pdmesh_kv_handoff_bytes_total") for w in mesh.workers("decode"))
-    before = handoff_bytes()
+    before = handoff_bytes(mesh)
     short = list(range(100, 100 + LOCAL_PREFILL_THRESHOLD - 1))
     with mesh.client() as client:
         client.generate(prompt_token_ids=short, max_tokens=4, ignore_eos=True)
-        assert handoff_bytes() == before
+        assert handoff_bytes(mesh) == before
         long = list(range(100, 100 + LOCAL_PREFILL_THRESHOLD + 20))
         local_tokens = engine_greedy(reference_engine, long, 6)
         done = client.generate(prompt_token_ids=long, max_tokens=6, ignore_eos=True)
     assert list(done.token_ids) == local_tokens
     per_token = 30 * 2 * 3 * 64 * 4  # layers x (k, v) x kv heads x head dim x float32
-    assert handoff_bytes() - before == per_token * len(long)
+    assert handoff_bytes(mesh) - before == per_token * len(long)
 
 
 def test_stop_string_ends_the_stream_before_it(mesh):

@@ -12,8 +12,7 @@ from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
-from support.metrics import metric
-from support.mesh import start_mesh
+from support.mesh import handoff_bytes, start_mesh
 from support.offline_model import write_offline_model
 from support.tiny_model import run_to_end
 
@@ -36,10 +35,6 @@ def gpu_mesh(tmp_path_factory, model_dir, device):
     yield mesh
     if mesh.process.poll() is None:
         assert mesh.stop() == 0, log.read_text()[-3000:]
-
-
-def handoff_bytes(mesh) -> float:
-    return sum(metric(w.metrics_address, "pdmesh_kv_handoff_bytes_total") for w in mesh.workers("decode"))
 
 
 def test_remote_prefill_on_one_gpu_is_token_exact(gpu_mesh, model_dir, device):

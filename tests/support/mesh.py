@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0, env: dict[
         time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)  # serve and every process it started
     raise TimeoutError(f"mesh not ready in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+def handoff_bytes(mesh: Mesh) -> float:
+    """KV bytes the mesh's decode workers have received over hand-offs (their own metric)."""
+    total = 0.0
+    for w in mesh.workers("decode"):
+        body = urllib.request.urlopen(f"http://{w.metrics_address}/metrics").read().decode()
+        total += sum(float(line.split()[-1]) for line in body.splitlines()
+                     if line.startswith("pdmesh_kv_handoff_bytes_total"))
+    return total
 
 
 def engine_greedy(reference_engine, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import torch
@@ -41,6 +42,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
+        self.busy_seconds = 0.0  # in engine steps, since start
         self._thread = None
         if own_thread:
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -92,7 +94,7 @@ class AsyncEngine:
     def load(self) -> EngineLoad:
         running, waiting = self.engine.load()
         return EngineLoad(running, waiting, self.engine.num_free_blocks, self.engine.num_total_blocks,
-                          self.engine.config.block_size, memory_used_bytes(self.device))
+                          self.engine.config.block_size, memory_used_bytes(self.device), self.busy_seconds)
 
     def has_work(self) -> bool:
         return self.engine.has_work()
@@ -137,11 +139,14 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception:  # the engine catches batch errors; this is a bug, keep serving
                 log.exception("engine step failed")
                 continue
+            finally:
+                self.busy_seconds += time.perf_counter() - start
             for output in outputs:
                 self._deliver(output)
 

@@ -34,6 +34,7 @@ class EngineLoad:
     total_blocks: int
     block_size: int
     gpu_memory_used_bytes: int = 0  # what the engine holds on its GPU (rank 0); 0 on CPU
+    busy_seconds: float = 0.0  # time spent in engine steps since start (its rate: the share of time busy)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ class WorkerMetrics:
     prefill_seconds: float = 0.0  # pdmesh_prefill_seconds_sum: queue wait + compute, per prompt
     engine_queue_seconds: float = 0.0  # pdmesh_engine_queue_time_seconds_sum: the wait part
     handoff_buckets: Buckets = ()  # pdmesh_kv_handoff_seconds_bucket
+    busy_seconds: float = 0.0  # pdmesh_engine_busy_seconds_total: time in engine steps
 
     def minus(self, earlier: "WorkerMetrics") -> "WorkerMetrics":
         """What happened between `earlier` and this sample; a counter that went down means the
@@ -29,11 +30,13 @@ class WorkerMetrics:
         return WorkerMetrics(self.prefill_tokens - earlier.prefill_tokens,
                              self.prefill_seconds - earlier.prefill_seconds,
                              self.engine_queue_seconds - earlier.engine_queue_seconds,
-                             tuple((le, count - old.get(le, 0.0)) for le, count in self.handoff_buckets))
+                             tuple((le, count - old.get(le, 0.0)) for le, count in self.handoff_buckets),
+                             self.busy_seconds - earlier.busy_seconds)
 
     def _went_down_from(self, earlier: "WorkerMetrics") -> bool:
         old = dict(earlier.handoff_buckets)
         return (self.prefill_tokens < earlier.prefill_tokens or self.prefill_seconds < earlier.prefill_seconds
+                or self.busy_seconds < earlier.busy_seconds
                 or any(count < old.get(le, 0.0) for le, count in self.handoff_buckets))
 
 
@@ -50,7 +53,8 @@ def parse(text: str) -> WorkerMetrics:
     buckets.sort(key=lambda b: b[0])
     return WorkerMetrics(values.get("pdmesh_prefill_tokens_total", 0.0), values.get("pdmesh_prefill_seconds_sum", 0.0),
                          values.get("pdmesh_engine_queue_time_seconds_sum", 0.0),
-                         tuple(b for b in buckets if not math.isnan(b[0])))
+                         tuple(b for b in buckets if not math.isnan(b[0])),
+                         values.get("pdmesh_engine_busy_seconds_total", 0.0))
 
 
 def scrape(address: str, timeout_s: float) -> WorkerMetrics:

@@ -59,7 +59,7 @@ class OpenAIRoutes:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while both roles have a routable worker (as gRPC health says SERVING), else 503."""
-        if self.front_door.accepting and self.registry.has_both_roles():
+        if self.front_door.accepting and self.registry.can_serve():
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "unavailable"}, status=503, headers={"Retry-After": "1"})
 

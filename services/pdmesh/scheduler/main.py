@@ -80,8 +80,8 @@ def build_front_door(config: SchedulerConfig, model: ModelInfo, registry: Worker
                               cluster_secret=config.security.cluster_secret)
     queue = AdmissionQueue(AdmissionConfig(config.max_queued_requests, config.max_queued_tokens))
     router = Router(registry)
-    dispatcher = Dispatcher(queue, router, config.local_prefill_threshold)
-    stream = MeshStream(model, registry, router, WorkerClients(credentials), config.local_prefill_threshold)
+    dispatcher = Dispatcher(queue, router, config.prefill_threshold())
+    stream = MeshStream(model, registry, router, WorkerClients(credentials), config.prefill_threshold())
     front_door = FrontDoor(model, caps, AdmissionControl(tenants, dispatcher), stream, config.client_stall_timeout_s)
     return front_door, dispatcher
 
@@ -98,17 +98,17 @@ async def run_scheduler(config: SchedulerConfig) -> None:
     tracing.setup("pdmesh-scheduler", config.otlp_endpoint)
     credentials = ClusterCredentials(config.security.cluster_secret, config.security.tls_dir, "scheduler")
     model = load_model_info(config)
-    registry = WorkerRegistry(config.heartbeat_timeout_s)
+    registry = WorkerRegistry(config.heartbeat_timeout_s, needs_prefill=not config.colocated)
     front_door, dispatcher = build_front_door(config, model, registry, credentials)
     http = build_http_server(config, front_door, registry)
     server = None
 
     async def refresh_health() -> None:
-        # SERVING only while both roles have a routable worker: a client load balancer then
-        # never sends traffic to a scheduler that can only fail it.
+        # SERVING only while every role the mode needs has a routable worker (decode alone when
+        # colocated): a client load balancer then never sends traffic to a scheduler that can only fail it.
         if server is not None:
-            await server.set_serving(registry.has_both_roles(), SCHEDULER)
-            await server.set_serving(registry.has_both_roles(), "")
+            await server.set_serving(registry.can_serve(), SCHEDULER)
+            await server.set_serving(registry.can_serve(), "")
 
     registry_servicer = RegistryServicer(registry, config.heartbeat_interval_s, refresh_health)
     # Two faces, two ports: clients reach only the Scheduler service; worker membership is internal.

@@ -60,8 +60,9 @@ HEARTBEAT_SKEW_S = 0.005
 
 
 class WorkerRegistry:
-    def __init__(self, heartbeat_timeout_s: float):
+    def __init__(self, heartbeat_timeout_s: float, needs_prefill: bool = True):
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.needs_prefill = needs_prefill  # False in colocated mode: decode workers prefill every prompt
         self.workers: dict[str, WorkerInfo] = {}
 
     def register(self, worker_id: str, role: str, address: str, tp_size: int, load: WorkerLoad,
@@ -130,5 +131,6 @@ class WorkerRegistry:
             metrics.WORKER_STATE_CHANGES.labels(state="up").inc()
             log.info("worker %s (%s) rejoined routing", info.worker_id, info.address)
 
-    def has_both_roles(self) -> bool:
-        return bool(self.routable("prefill")) and bool(self.routable("decode"))
+    def can_serve(self) -> bool:
+        """A routable decode worker, and a routable prefill worker unless the mesh is colocated."""
+        return bool(self.routable("decode")) and (not self.needs_prefill or bool(self.routable("prefill")))

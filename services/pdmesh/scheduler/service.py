@@ -64,7 +64,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                        for r, pid, heads in w.ranks]))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.front_door.num_running,
                                            queued=self.admission.dispatcher.queue.num_requests,
-                                           scheduler_restarts=self.restarts)
+                                           scheduler_restarts=self.restarts,
+                                           colocated=not self.registry.needs_prefill)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):

@@ -107,6 +107,7 @@ class WorkerState:
         self.draining = False
         self.drain_requested = asyncio.Event()
         self.metrics_address = ""
+        self._busy_reported = 0.0
 
     def request_drain(self) -> int:
         """Take no new work from now on; the worker exits once what runs is done. Returns running."""
@@ -120,6 +121,8 @@ class WorkerState:
         metrics.QUEUED.set(load.waiting)
         metrics.KV_BLOCKS_FREE.set(load.free_blocks)
         metrics.KV_BLOCKS_TOTAL.set(load.total_blocks)
+        metrics.ENGINE_BUSY.inc(max(0.0, load.busy_seconds - self._busy_reported))
+        self._busy_reported = max(self._busy_reported, load.busy_seconds)
         return worker_pb2.WorkerLoad(running=load.running, queued=load.waiting,
                                      queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
                                      kv_blocks_total=load.total_blocks, block_size=load.block_size,

@@ -175,13 +175,15 @@ class WorkerRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_head_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("workers", "running", "queued", "scheduler_restarts")
+    __slots__ = ("workers", "running", "queued", "scheduler_restarts", "colocated")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     running: int
     queued: int
     scheduler_restarts: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., scheduler_restarts: _Optional[int] = ...) -> None: ...
+    colocated: bool
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., scheduler_restarts: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,34 @@
+"""`pdmesh advise` against a real (echo-model) mesh: it sweeps, reads cluster status and worker
+metrics, and prints a table and a verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from support.mesh import start_mesh
+
+
+def test_advise_sweeps_a_mesh_and_prints_a_verdict(tmp_path):
+    mesh = start_mesh(tmp_path / "serve.log", "--engine", "echo", "--echo-step-ms", "20", "--max-model-len", "512",
+                      "--prefill-workers", "1", "--decode-workers", "1", "--local-prefill-threshold", "0",
+                      "--no-warmup")
+    try:
+        out = subprocess.run([sys.executable, "-m", "pdmesh.cli", "advise", "--target", mesh.address,
+                              "--rates", "2,4,8", "--step", "3", "--prompt-tokens", "64", "--output-tokens", "8",
+                              "--json", str(tmp_path / "steps.json")],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    finally:
+        assert mesh.stop() == 0
+    assert out.returncode == 0, out.stdout + out.stderr
+    print(out.stdout)
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("knee: ") for line in lines), out.stdout
+    assert any(line.startswith("saturates first: ") for line in lines), out.stdout
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert steps[0]["rate"] == 2 and steps[0]["num_ok"] == steps[0]["num_requests"] == 6
+    signals = steps[0]["signals"]
+    assert (signals["prefill_workers"], signals["decode_workers"]) == (1, 1)
+    assert signals["decode_busy"] > 0 and signals["handoff_p95_s"] is not None  # read from the workers' metrics
