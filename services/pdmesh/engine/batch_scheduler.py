@@ -2,7 +2,9 @@
 
 Blocks for prompt + max_tokens are reserved when a sequence is admitted (or earlier, by a
 decode worker before it asks for a prefill), so a running sequence never runs out of KV and
-nothing is ever preempted. A sequence that does not fit waits, in arrival order.
+nothing is ever preempted. A sequence that does not fit waits, in arrival order. A sequence that
+computes its prompt shares the cached blocks of its prompt's prefix (`prefix_cache`) and computes
+only the rest; a finished sequence leaves its full blocks cached.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pdmesh.engine.block_pool import BlockPool
 from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.prefix_cache import PrefixCache
 from pdmesh.engine.sequence import Sequence, SequenceStatus
 from pdmesh.errors import EngineError, InvalidRequestError
 
@@ -29,8 +32,9 @@ class ScheduledStep:
 
 
 class BatchScheduler:
-    def __init__(self, pool: BlockPool, config: EngineConfig, max_model_len: int):
+    def __init__(self, pool: BlockPool, config: EngineConfig, max_model_len: int, prefix_seed: int = 0):
         self.pool = pool
+        self.prefix_cache = PrefixCache(pool, prefix_seed, config.prefix_cache)
         self.config = config
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
@@ -74,20 +78,23 @@ class BatchScheduler:
         while self.waiting and len(self.running) + len(step.prefill) + len(step.imported) < self.config.max_num_seqs:
             seq = self.waiting[0]
             computes = seq.request.kv is None
-            if computes and step.prefill and seq.num_prompt_tokens > budget:
+            reserved = seq.request_id in self.reservations
+            hits = self.prefix_cache.lookup(seq) if computes and not reserved else []
+            num_new = seq.num_prompt_tokens - len(hits) * self.pool.block_size
+            if computes and step.prefill and num_new > budget:
                 break  # a long prompt runs in a step of its own
-            if not self._take_blocks(seq):
+            if not self._take_blocks(seq, hits):
                 break
             self.waiting.popleft()
             seq.scheduled = time.monotonic()
             if computes:
                 step.prefill.append(seq)
-                budget -= seq.num_prompt_tokens
+                budget -= num_new
             else:
                 step.imported.append(seq)
         return step
 
-    def _take_blocks(self, seq: Sequence) -> bool:
+    def _take_blocks(self, seq: Sequence, hits: list[int]) -> bool:
         reserved = self.reservations.pop(seq.request_id, None)
         if reserved is not None:
             if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens):
@@ -95,9 +102,9 @@ class BatchScheduler:
                 raise EngineError(f"request {seq.request_id!r}: its reservation is too small")
             seq.block_ids = reserved
             return True
-        if not self.pool.can_reserve(seq.num_reserved_tokens):
+        if not self.prefix_cache.can_allocate(seq, hits):
             return False
-        seq.block_ids = self.pool.reserve(seq.num_reserved_tokens)
+        self.prefix_cache.allocate(seq, hits)
         return True
 
     def start_running(self, seq: Sequence) -> None:
@@ -109,7 +116,8 @@ class BatchScheduler:
         self.held[seq.request_id] = seq
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence from every queue and free its blocks (exactly once)."""
+        """Remove a sequence from every queue and free its blocks (exactly once); its computed full
+        blocks stay cached."""
         if seq.status is SequenceStatus.FINISHED:
             return
         if seq.status is SequenceStatus.RUNNING:
@@ -120,5 +128,6 @@ class BatchScheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         if seq.block_ids:
+            self.prefix_cache.cache_computed(seq)
             self.pool.release(seq.block_ids)
             seq.block_ids = []

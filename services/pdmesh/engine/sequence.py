@@ -62,6 +62,9 @@ class Sequence:
     aborted: bool = False
     arrival: float = field(default_factory=time.monotonic)
     scheduled: float | None = None  # when it left the waiting queue
+    num_cached_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
+    num_computed_tokens: int = 0  # leading tokens whose KV is in the blocks
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
 
     @property
     def request_id(self) -> str:
@@ -74,6 +77,10 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:
