@@ -19,6 +19,8 @@ from pdmesh.engine.sequence import EngineOutput, EngineRequest
 from pdmesh.errors import EngineError
 
 log = logging.getLogger(__name__)
+# Cached block hashes a load report carries at most (8 bytes each): ~32k tokens of 16-token blocks.
+MAX_REPORTED_HASHES = 2048
 
 
 class AsyncEngine:
@@ -98,8 +100,11 @@ class AsyncEngine:
 
     def load(self) -> EngineLoad:
         running, waiting = self.engine.load()
+        queried, hits = self.engine.prefix_cache_stats()
         return EngineLoad(running, waiting, self.engine.num_free_blocks, self.engine.num_total_blocks,
-                          self.engine.config.block_size, memory_used_bytes(self.device))
+                          self.engine.config.block_size, memory_used_bytes(self.device),
+                          self.engine.num_cached_blocks, queried, hits,
+                          tuple(self.engine.cached_block_hashes(MAX_REPORTED_HASHES)))
 
     def has_work(self) -> bool:
         return self.engine.has_work()

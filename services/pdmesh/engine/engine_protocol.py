@@ -34,6 +34,11 @@ class EngineLoad:
     total_blocks: int
     block_size: int
     gpu_memory_used_bytes: int = 0  # what the engine holds on its GPU (rank 0); 0 on CPU
+    cached_blocks: int = 0  # blocks the prefix cache indexes (in use or free)
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_hit_tokens: int = 0  # of those, tokens found there
+    # The most recently used cached block hashes (bounded): what the scheduler routes by.
+    cached_block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

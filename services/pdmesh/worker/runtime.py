@@ -15,7 +15,7 @@ from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.engine.device import resolve_device
 from pdmesh.engine.echo_model import EchoModel, echo_config
-from pdmesh.engine.engine_protocol import Engine
+from pdmesh.engine.engine_protocol import Engine, EngineLoad
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
 from pdmesh.worker.convert import layout_to_pb
@@ -76,6 +76,7 @@ class WorkerState:
         self.draining = False
         self.drain_requested = asyncio.Event()
         self.metrics_address = ""
+        self._prefix_counted = (0, 0)  # prefix cache (queried, hit) tokens already in the counters
 
     def request_drain(self) -> int:
         """Take no new work from now on; the worker exits once what runs is done. Returns running."""
@@ -89,12 +90,24 @@ class WorkerState:
         metrics.QUEUED.set(load.waiting)
         metrics.KV_BLOCKS_FREE.set(load.free_blocks)
         metrics.KV_BLOCKS_TOTAL.set(load.total_blocks)
+        metrics.KV_BLOCKS_CACHED.set(load.cached_blocks)
+        self._count_prefix_cache(load)
         return worker_pb2.WorkerLoad(running=load.running, queued=load.waiting,
                                      queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
                                      kv_blocks_total=load.total_blocks, block_size=load.block_size,
                                      state="draining" if self.draining else "serving",
                                      requests_total=self.requests_total,
-                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes)
+                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes,
+                                     kv_blocks_cached=load.cached_blocks,
+                                     prefix_cache_queried_tokens=load.prefix_queried_tokens,
+                                     prefix_cache_hit_tokens=load.prefix_hit_tokens,
+                                     cached_block_hashes=load.cached_block_hashes)
+
+    def _count_prefix_cache(self, load: EngineLoad) -> None:
+        """Move the Prometheus counters by what the engine counted since the last report."""
+        metrics.PREFIX_CACHE_QUERIES.inc(load.prefix_queried_tokens - self._prefix_counted[0])
+        metrics.PREFIX_CACHE_HITS.inc(load.prefix_hit_tokens - self._prefix_counted[1])
+        self._prefix_counted = (load.prefix_queried_tokens, load.prefix_hit_tokens)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
         pids = [os.getpid(), *self.engine.follower_pids]
