@@ -71,3 +71,30 @@ def test_shared_system_prompt_and_multi_turn(mesh, cache_off):
     workers = mesh.wait_all_blocks_free()
     assert all(w.kv_blocks_free == w.kv_blocks_total for w in workers), workers
     assert prefill.kv_blocks_cached >= system_blocks
+
+
+ROUTED_SYSTEM = ("You are a librarian. Recommend exactly one book per answer, with its author, and say "
+                 "nothing about films. Keep every answer under twenty words, please.")
+
+
+def test_decode_routing_follows_the_cached_prefix(mesh):
+    """While the decode worker holding a prefix runs a stream (so the other has more free blocks and
+    would be picked on room alone), a prompt with that prefix still goes to the holder; a prompt
+    without it goes to the roomier worker."""
+    def chat(question: str, system: str = ROUTED_SYSTEM) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    with mesh.client() as client:
+        holder = client.generate(messages=chat("A book about the sea?"), max_tokens=4).route.decode_worker_ids[0]
+        time.sleep(1.5)  # a heartbeat carries the holder's cached block hashes
+        stream = client.stream(messages=chat("A long list of books, please."), max_tokens=400, ignore_eos=True)
+        first = next(iter(stream))
+        time.sleep(1.5)  # a heartbeat shows the stream's blocks in use on its worker
+        try:
+            shared = client.generate(messages=chat("A book about trains?"), max_tokens=4)
+            unshared = client.generate(messages=chat("Name a river.", "You are a geographer."), max_tokens=4)
+        finally:
+            stream.close()
+    assert first.token_ids
+    assert shared.route.decode_worker_ids[0] == holder
+    assert unshared.route.decode_worker_ids[0] != holder
+    assert all(w.kv_blocks_free == w.kv_blocks_total for w in mesh.wait_all_blocks_free())
