@@ -77,24 +77,47 @@ ROUTED_SYSTEM = ("You are a librarian. Recommend exactly one book per answer, wi
                  "nothing about films. Keep every answer under twenty words, please.")
 
 
-def test_decode_routing_follows_the_cached_prefix(mesh):
+def test_decode_routing_follows_the_cached_prefix_and_receives_only_the_rest(mesh, cache_off):
     """While the decode worker holding a prefix runs a stream (so the other has more free blocks and
-    would be picked on room alone), a prompt with that prefix still goes to the holder; a prompt
-    without it goes to the roomier worker."""
+    would be picked on room alone), a prompt with that prefix still goes to the holder, and its
+    hand-off carries only the KV after the cached blocks; a prompt without it goes to the roomier
+    worker."""
+    _, tokenizer = cache_off
+
     def chat(question: str, system: str = ROUTED_SYSTEM) -> list[dict]:
         return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    earlier = [chat("A book about the sea?"), chat("A long list of books, please.")]
     with mesh.client() as client:
-        holder = client.generate(messages=chat("A book about the sea?"), max_tokens=4).route.decode_worker_ids[0]
+        holder = client.generate(messages=earlier[0], max_tokens=4).route.decode_worker_ids[0]
         time.sleep(1.5)  # a heartbeat carries the holder's cached block hashes
-        stream = client.stream(messages=chat("A long list of books, please."), max_tokens=400, ignore_eos=True)
+        stream = client.stream(messages=earlier[1], max_tokens=400, ignore_eos=True)
         first = next(iter(stream))
         time.sleep(1.5)  # a heartbeat shows the stream's blocks in use on its worker
+        received = handoff_bytes(mesh, holder)
         try:
             shared = client.generate(messages=chat("A book about trains?"), max_tokens=4)
+            received = handoff_bytes(mesh, holder) - received
             unshared = client.generate(messages=chat("Name a river.", "You are a geographer."), max_tokens=4)
         finally:
             stream.close()
     assert first.token_ids
     assert shared.route.decode_worker_ids[0] == holder
     assert unshared.route.decode_worker_ids[0] != holder
+    prompt = tokenizer.apply_chat_template(chat("A book about trains?"))
+    cached = max(common_prefix(prompt, tokenizer.apply_chat_template(c)) for c in earlier)
+    cached = min(cached, len(prompt) - 1) // 16 * 16
+    assert cached >= 32
+    assert received == PER_TOKEN * (len(prompt) - cached)
     assert all(w.kv_blocks_free == w.kv_blocks_total for w in mesh.wait_all_blocks_free())
+
+
+PER_TOKEN = 30 * 2 * 3 * 64 * 4  # KV bytes of one SmolLM2 token: layers x (k, v) x kv heads x head dim x float32
+
+
+def handoff_bytes(mesh, worker_id: str) -> float:
+    (worker,) = [w for w in mesh.workers("decode") if w.worker_id == worker_id]
+    return metric(worker.metrics_address, "pdmesh_kv_handoff_bytes_total")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -180,3 +180,38 @@ def test_no_leak_after_a_long_mixed_run(make_engine):
     queried, hits = engine.prefix_cache_stats()
     assert 0 < hits < queried
     assert_idle_and_free(engine)
+
+
+def test_hand_off_carries_only_what_the_decode_engine_lacks(make_engine):
+    """The decode engine's reservation shares the prefix blocks it has cached; the prefill engine
+    exports the rest only, and decoding continues token for token."""
+    prompt = SYSTEM + [5, 6, 7]
+    expected = run(make_engine(prefix_cache=False), {"r": prompt}, n=12)["r"]
+    decode = make_engine()
+    run(decode, {"earlier": SYSTEM + [1]})
+    cached = decode.reserve("r", len(prompt) + 12, prompt)
+    assert cached == 12 and decode.prefix_cache_stats()[1] == 12
+    prefill = make_engine()
+    prefill.add_request(EngineRequest("r", prompt, greedy(12), prefill_only=True))
+    first = prefill.step()[0]
+    kv = prefill.export_kv("r", start=cached)
+    assert kv.shape[2] == len(prompt) - cached
+    assert prefill.release_held("r")
+    decode.add_request(EngineRequest("r", prompt, greedy(12), kv=kv, kv_start=cached, first_token=first.token_ids[0]))
+    assert run_to_end(decode)["r"] == expected
+    for engine in (prefill, decode):
+        assert_idle_and_free(engine)
+
+
+def test_kv_that_does_not_start_where_the_reservation_ends_is_refused(make_engine):
+    prompt = SYSTEM + [5, 6, 7]
+    engine = make_engine()
+    run(engine, {"earlier": SYSTEM + [1]})
+    assert engine.reserve("r", len(prompt) + 4, prompt) == 12
+    kv = torch.zeros(2, 2, len(prompt), 2, 8)  # the whole prompt: would overwrite shared blocks
+    engine.add_request(EngineRequest("r", prompt, greedy(4), kv=kv, first_token=5))
+    with pytest.raises(Exception, match="does not fit it"):
+        engine.step()
+    engine.abort("r")
+    run_to_end(engine)
+    assert_idle_and_free(engine)

@@ -78,9 +78,9 @@ class AsyncEngine:
             raise EngineError(output.error if output else "prefill produced nothing")
         return output
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """A held prompt's KV: [layers, 2, tokens, local kv heads, head_dim]."""
-        return self.engine.export_kv(request_id)
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor:
+        """A held prompt's KV from token `start` on: [layers, 2, tokens - start, local kv heads, head_dim]."""
+        return self.engine.export_kv(request_id, start)
 
     def release_held(self, request_id: str) -> int:
         return self.engine.release_held(request_id)
@@ -89,8 +89,8 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wake.set()
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
-        self.engine.reserve(request_id, num_tokens)
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        return self.engine.reserve(request_id, num_tokens, prompt_ids)
 
     def release_reservation(self, request_id: str) -> bool:
         return self.engine.release_reservation(request_id)

@@ -40,24 +40,28 @@ class BatchScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}  # prefill-only sequences awaiting export
-        self.reservations: dict[str, list[int]] = {}  # request id -> blocks reserved ahead
+        # request id -> (blocks reserved ahead, leading prompt tokens they hold from the prefix cache)
+        self.reservations: dict[str, tuple[list[int], int]] = {}
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
-        """Reserve blocks for a request that will arrive later under the same id."""
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        """Reserve blocks for a request that will arrive later under the same id, sharing the cached
+        blocks of its prompt's prefix. Returns the leading prompt tokens the reservation holds."""
         if request_id in self.reservations:
             raise EngineError(f"request {request_id!r} already holds a reservation")
         self.check_fits(num_tokens)
-        self.reservations[request_id] = self.pool.reserve(num_tokens)
+        block_ids, num_cached = self.prefix_cache.reserve(prompt_ids or [], num_tokens)
+        self.reservations[request_id] = (block_ids, num_cached)
+        return num_cached
 
     def release_reservation(self, request_id: str) -> bool:
-        block_ids = self.reservations.pop(request_id, None)
-        if block_ids is not None:
-            self.pool.release(block_ids)
-        return block_ids is not None
+        reservation = self.reservations.pop(request_id, None)
+        if reservation is not None:
+            self.pool.release(reservation[0])
+        return reservation is not None
 
     def check_fits(self, num_tokens: int) -> None:
         """Refuse a request that could never be admitted, whatever else is running."""
@@ -95,12 +99,16 @@ class BatchScheduler:
         return step
 
     def _take_blocks(self, seq: Sequence, hits: list[int]) -> bool:
-        reserved = self.reservations.pop(seq.request_id, None)
-        if reserved is not None:
-            if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens):
+        reservation = self.reservations.pop(seq.request_id, None)
+        if reservation is not None:
+            reserved, num_cached = reservation
+            imported_from = seq.request.kv_start if seq.request.kv is not None else num_cached
+            if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens) or imported_from != num_cached:
                 self.pool.release(reserved)
-                raise EngineError(f"request {seq.request_id!r}: its reservation is too small")
+                raise EngineError(f"request {seq.request_id!r}: its reservation ({len(reserved)} blocks, "
+                                  f"{num_cached} tokens cached) does not fit it (KV from token {imported_from})")
             seq.block_ids = reserved
+            seq.num_cached_tokens = seq.num_computed_tokens = num_cached
             return True
         if not self.prefix_cache.can_allocate(seq, hits):
             return False

@@ -158,21 +158,28 @@ class LLMEngine:
             if request_id in self._sequences:
                 self._aborts.add(request_id)
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        """Blocks for a request arriving later (its KV computed elsewhere). With prompt_ids, the
+        reservation shares the cached blocks of the prompt's prefix; returns the leading prompt
+        tokens it holds so (the request's KV then starts there: EngineRequest.kv_start)."""
         with self.lock:
-            self.scheduler.reserve(request_id, num_tokens)
+            return self.scheduler.reserve(request_id, num_tokens, prompt_ids)
 
     def release_reservation(self, request_id: str) -> bool:
         with self.lock:
             return self.scheduler.release_reservation(request_id)
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """KV of a held (prefill-only) sequence's prompt: [layers, 2, tokens, local kv heads, D]."""
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor:
+        """KV of a held (prefill-only) sequence's prompt from token `start` on (what the receiver
+        lacks): [layers, 2, tokens - start, local kv heads, D]."""
         with self.lock:
             seq = self.scheduler.held.get(request_id)
             if seq is None:
                 raise EngineError(f"request {request_id!r} holds no prefilled KV")
-            return self.cache.export(seq.block_ids, seq.num_prompt_tokens)
+            if not 0 <= start < seq.num_prompt_tokens:
+                raise EngineError(f"KV export of {request_id!r} from token {start:,}: "
+                                  f"its prompt has {seq.num_prompt_tokens:,}")
+            return self.cache.export(seq.block_ids, seq.num_prompt_tokens, start)
 
     def release_held(self, request_id: str) -> int:
         """Free a held prompt's KV; returns the number of blocks freed (0: nothing was held)."""
@@ -226,7 +233,7 @@ class LLMEngine:
         outputs = []
         for seq in step.imported:
             try:
-                self.cache.import_(seq.block_ids, seq.request.kv)
+                self.cache.import_(seq.block_ids, seq.request.kv, seq.request.kv_start)
             except EngineError as exc:
                 outputs.append(self._fail(seq, exc))
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pdmesh.engine.block_pool import BlockPool
 from pdmesh.engine.prefix_hash import block_hashes
 from pdmesh.engine.sequence import Sequence
+from pdmesh.errors import ResourceExhaustedError
 
 
 class PrefixCache:
@@ -39,13 +40,31 @@ class PrefixCache:
     def allocate(self, seq: Sequence, hits: list[int]) -> None:
         """Give seq the shared hits, then fresh blocks for the rest of prompt + max_tokens. Call
         can_allocate first; counts the lookup in the hit statistics."""
+        seq.block_ids = self._take(hits, seq.num_reserved_tokens, seq.num_prompt_tokens)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.pool.block_size
+
+    def reserve(self, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], int]:
+        """Blocks for a request whose KV comes later from elsewhere: the cached blocks of its prompt's
+        prefix, shared, then fresh ones up to num_tokens. Returns (blocks, leading prompt tokens they
+        hold already); raises ResourceExhaustedError without taking any."""
+        hits = []
+        if self.enabled and prompt_ids:
+            usable = (len(prompt_ids) - 1) // self.pool.block_size * self.pool.block_size
+            hits = self.pool.match(block_hashes(prompt_ids[:usable], self.pool.block_size, self.seed))
+        need = self.pool.blocks_for_tokens(num_tokens) - len(hits) + self.pool.num_evictable(hits)
+        if need > self.pool.num_free_blocks:
+            raise ResourceExhaustedError(
+                f"KV cache full: {num_tokens:,} tokens need {need:,} more blocks; "
+                f"{self.pool.num_free_blocks:,} of {self.pool.num_blocks:,} are free")
+        return self._take(hits, num_tokens, len(prompt_ids)), len(hits) * self.pool.block_size
+
+    def _take(self, hits: list[int], num_tokens: int, num_prompt_tokens: int) -> list[int]:
         self.pool.share(hits)  # before reserving, so the fresh blocks never evict a hit
         num_cached = len(hits) * self.pool.block_size
-        seq.block_ids = hits + self.pool.reserve(seq.num_reserved_tokens - num_cached)
-        seq.num_cached_tokens = seq.num_computed_tokens = num_cached
         if self.enabled:
-            self.num_queried_tokens += seq.num_prompt_tokens
+            self.num_queried_tokens += num_prompt_tokens
             self.num_hit_tokens += num_cached
+        return hits + self.pool.reserve(num_tokens - num_cached)
 
     def cache_computed(self, seq: Sequence) -> None:
         """Index every full block of seq whose KV is computed (a block cached already stays as is)."""

@@ -24,14 +24,16 @@ class EngineRequest:
 
     prefill_only: compute the prompt's KV and first token, then hold the blocks for export.
     kv / first_token: the prompt's KV was computed elsewhere (a prefill worker); import it,
-    start from first_token and decode.
+    start from first_token and decode. kv_start: the first prompt token kv holds; the tokens before
+    it are in the cached blocks the request's reservation shares (`LLMEngine.reserve`).
     """
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     prefill_only: bool = False
-    kv: torch.Tensor | None = None  # [layers, 2, prompt tokens, local kv heads, head_dim]
+    kv: torch.Tensor | None = None  # [layers, 2, prompt tokens from kv_start, local kv heads, head_dim]
+    kv_start: int = 0
     first_token: int | None = None
     output_offset: int = 0  # output tokens before this request's (a resumed stream): seeds continue
 
