@@ -13,8 +13,7 @@ import pytest
 from pdmesh.engine.checkpoint import load_checkpoint
 from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.sampling_params import SamplingParams
-from pdmesh.engine.sequence import EngineRequest
+from support.mesh import engine_greedy
 from support.metrics import metric
 
 SYSTEM = ("You are the help desk of a bicycle shop. Answer in one sentence. Prices are in euros, "
@@ -29,15 +28,7 @@ def cache_off(smollm2_path):
     checkpoint = load_checkpoint(smollm2_path, log=lambda _: None)
     engine = LLMEngine(checkpoint.config, checkpoint.weights,
                        EngineConfig(kv_cache_gib=0.1, max_model_len=2048, prefix_cache=False))
-
-    def greedy(prompt_ids: list[int]) -> list[int]:
-        engine.add_request(EngineRequest("ref", prompt_ids, SamplingParams(max_tokens=MAX_TOKENS)))
-        tokens = []
-        while engine.has_work():
-            for out in engine.step():
-                tokens += out.token_ids
-        return tokens
-    return greedy, checkpoint.tokenizer
+    return engine, checkpoint.tokenizer
 
 
 def prefill_hits(mesh) -> tuple[int, int]:
@@ -46,7 +37,10 @@ def prefill_hits(mesh) -> tuple[int, int]:
 
 
 def test_shared_system_prompt_and_multi_turn(mesh, cache_off):
-    greedy, tokenizer = cache_off
+    _, tokenizer = cache_off
+
+    def greedy(prompt_ids: list[int]) -> list[int]:
+        return engine_greedy(cache_off, prompt_ids, MAX_TOKENS)
     queried_before, hits_before = prefill_hits(mesh)
     chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
     with mesh.client() as client:
