@@ -83,10 +83,12 @@ def stop_session(process: subprocess.Popen, whole_group: bool = True, timeout_s:
 
 @contextmanager
 def vllm_server(model_dir: Path, log_path: Path, eager: bool = False, max_model_len: int = 4096,
-                threads_bind: str = "0-1", kv_gib: int = 2, timeout_s: float = 600.0) -> Iterator[VllmServer]:
+                threads_bind: str = "0-1", kv_gib: int = 2, timeout_s: float = 600.0,
+                python: str = VLLM_PYTHON) -> Iterator[VllmServer]:
+    """python: an interpreter that imports vllm."""
     port = free_port()
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=threads_bind, VLLM_CPU_KVCACHE_SPACE=str(kv_gib))
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--dtype", "float32", "--max-model-len", str(max_model_len), "--port", str(port),
            "--host", "127.0.0.1"] + (["--enforce-eager"] if eager else [])
     with open(log_path, "w") as log:

@@ -19,7 +19,7 @@ from pdmesh.errors import InvalidRequestError
 from pdmesh.option import group, option
 
 ROLES = ("prefill", "decode")
-ENGINES = ("pdmesh", "echo")  # echo: no model, tokens from EchoModel (load tests only)
+ENGINES = ("pdmesh", "echo", "vllm")  # echo: no model, tokens from EchoModel (load tests only)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SECRET_ENV = "PDMESH_CLUSTER_SECRET"
 DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible API's usual port (vLLM, SGLang)
@@ -95,16 +95,30 @@ class Security:
 
 @dataclass(frozen=True, slots=True)
 class CpuPlacement:
-    """Threads for the engine's math and the OS scheduling priority (nice) of the process."""
+    """Threads for the engine's math, the CPUs it computes on, and the OS scheduling priority (nice)."""
 
     threads: int = field(default=0, metadata=option("torch threads of the whole worker (0: all cores)"))
     nice: int = field(default=0, metadata=option("OS scheduling priority increment"))
+    cpus: str = field(default="", metadata=option(
+        "CPU ids the engine computes on, e.g. 0-1 or 1 (empty: every core); vLLM pins its OpenMP threads there"))
 
     def __post_init__(self):
+        self.cpu_ids()  # refuses a malformed list now, not in the worker
         if self.threads < 0:
             raise InvalidRequestError(f"threads must be >= 0, got {self.threads}", "threads")
         if not -20 <= self.nice <= 19:
             raise InvalidRequestError(f"nice must be in [-20, 19], got {self.nice}", "nice")
+
+    def cpu_ids(self) -> tuple[int, ...]:
+        """The CPU ids `cpus` names ("0-2,5" -> 0, 1, 2, 5); empty when it names none."""
+        ids: list[int] = []
+        try:
+            for part in filter(None, (p.strip() for p in self.cpus.split(","))):
+                first, _, last = part.partition("-")
+                ids += range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise InvalidRequestError(f"cpus must look like 0-3 or 0,2, got {self.cpus!r}", "cpus") from None
+        return tuple(sorted(set(ids)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +131,18 @@ class WorkerConfig:
     worker_id: str = field(default="", metadata=option("unique id (default: made from role and address)"))
     engine: EngineConfig = field(default_factory=EngineConfig, metadata=group())
     engine_kind: str = field(default="pdmesh", metadata=option(
-        "engine to run (echo: tokens without a model, for load tests only)", flag="engine", choices=ENGINES))
+        "engine to run (vllm: vLLM in-process, the vllm extra; echo: tokens without a model, for load tests only)",
+        flag="engine", choices=ENGINES))
     echo_step_ms: float = field(default=0.0, metadata=option("echo engine: milliseconds each step takes"))
     tp: int = field(default=1, metadata=option("tensor-parallel size: processes in this worker's group"))
     cpu: CpuPlacement = field(default_factory=CpuPlacement, metadata=group())
     kv_timeout_s: float = field(default=10.0, metadata=option(
         "seconds any wait of a KV hand-off may take", flag="kv-timeout"))
     held_kv_ttl_s: float = field(default=30.0, metadata=option(
-        "prefill: free a prompt's KV nobody pulled after this many seconds", flag="held-kv-ttl"))
+        "prefill: free a prompt's KV nobody pulled after this many seconds (vllm: the NIXL lease)",
+        flag="held-kv-ttl"))
+    kv_side_channel_port: int = field(default=0, metadata=option(
+        "vllm: port of this worker's NIXL side channel (0: a free one)"))
     prefill_timeout_s: float = field(default=30.0, metadata=option(
         "decode: seconds to wait for one prefill worker before trying the next", flag="prefill-timeout"))
     faults: str = field(default="", metadata=option(
@@ -147,6 +165,9 @@ class WorkerConfig:
         for name in ("kv_timeout_s", "held_kv_ttl_s", "prefill_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be > 0, got {getattr(self, name)}", name)
+        if not 0 <= self.kv_side_channel_port <= 65535:
+            raise InvalidRequestError(f"kv_side_channel_port must be in [0, 65535], got {self.kv_side_channel_port}",
+                                      "kv_side_channel_port")
         if self.echo_step_ms < 0:
             raise InvalidRequestError(f"echo_step_ms must be >= 0, got {self.echo_step_ms}", "echo_step_ms")
         faults.parse(self.faults)  # a bad spec stops the worker at start

@@ -65,6 +65,9 @@ ABANDONED = Counter("pdmesh_abandoned_requests_total",
                     "Requests a service stopped working on before they finished, their KV freed at once, by "
                     "phase (queued, prefill, held, transfer, decode) and cause (cancel, deadline)",
                     ["phase", "cause"])
+HANDOFF_HANDLES = Counter("pdmesh_kv_handoff_handles_total",
+                          "Hand-offs through the engine's own KV connector (vLLM NIXL): transfer handles a decode "
+                          "worker gave its engine")
 PREFILL_FALLBACKS = Counter("pdmesh_prefill_fallbacks_total",
                             "Prefills moved to another prefill worker or to the decode worker, by target",
                             ["target"])

@@ -29,10 +29,12 @@ class RolePlan:
     threads: int = field(default=0, metadata=option("torch threads of each {role} worker (0: all cores)"))
     nice: int | None = field(default=None, metadata=option(
         "OS priority increment of {role} workers (unset: prefill 10, decode 0)"))
+    cpus: str = field(default="", metadata=option("CPU ids of each {role} worker's engine, e.g. 0-1 (empty: all)"))
 
     def __post_init__(self):
         if self.workers < 1 or self.tp < 1 or self.threads < 0:
             raise InvalidRequestError("workers and tp must be >= 1 and threads >= 0")
+        CpuPlacement(cpus=self.cpus)  # refuses a malformed CPU list
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,8 @@ class ServeConfig:
                          advertise_address=self.scheduler.listen.advertise_address)
         return replace(self.worker, role=role, worker_id=f"{role}-{index}", engine=self._engine_share(),
                        scheduler_address=self.scheduler.internal_address(), listen=listen, tp=plan.tp,
-                       cpu=CpuPlacement(plan.threads or os.cpu_count() or 1, nice), security=self.scheduler.security)
+                       cpu=CpuPlacement(plan.threads or os.cpu_count() or 1, nice, plan.cpus),
+                       security=self.scheduler.security)
 
 
     def _engine_share(self) -> EngineConfig:
@@ -99,4 +102,4 @@ class ServeConfig:
 
 # Worker flags that serve sets per child rather than taking from its own command line.
 SERVE_SKIPS_WORKER_FLAGS = {"port", "metrics-port", "advertise-address", "host", "worker-id", "scheduler",
-                            "threads", "nice", "tp"}
+                            "threads", "nice", "tp", "cpus"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdmesh.errors import UnavailableError
 from pdmesh.scheduler.circuit_breaker import CircuitBreaker
 from pdmesh.scheduler.registry import WorkerLoad, WorkerRegistry
 from pdmesh.scheduler.router import Assignment, Router
@@ -79,3 +80,28 @@ def test_worker_that_cannot_pair_is_refused_at_registration_naming_both_sides():
     registry.workers["decode-a"].last_heartbeat -= 10  # a dead peer does not block anyone
     registry.register("prefill-b", "prefill", "127.0.0.1:3", 1, WorkerLoad(),
                       pairing=Pairing("SmolLM2-135M", "echo", fp32.layout))
+
+
+def test_router_pairs_only_workers_that_can_hand_kv_to_each_other():
+    from pdmesh.scheduler.pairing import Pairing
+
+    native, vllm = Pairing("SmolLM2-135M", "pdmesh"), Pairing("SmolLM2-135M", "vllm")
+    registry = WorkerRegistry(heartbeat_timeout_s=3.0)
+    registry.register("p-native", "prefill", "127.0.0.1:1001", 1, WorkerLoad(), pairing=native)
+    registry.register("d-native", "decode", "127.0.0.1:1003", 1, WorkerLoad(), pairing=native)
+    # vLLM workers that joined while the native ones were silent (registration only sees live peers).
+    registry.workers["p-native"].last_heartbeat -= 60
+    registry.workers["d-native"].last_heartbeat -= 60
+    registry.register("p-vllm", "prefill", "127.0.0.1:1002", 1, WorkerLoad(queued_prompt_tokens=500), pairing=vllm)
+    registry.register("d-vllm", "decode", "127.0.0.1:1004", 1, WorkerLoad(), pairing=vllm)
+    registry.heartbeat("p-native", WorkerLoad(queued_prompt_tokens=0))
+    router = Router(registry)
+    d_vllm, d_native = registry.workers["d-vllm"], registry.workers["d-native"]
+    assert router.pick_prefill(d_vllm).worker_id == "p-vllm"  # though more loaded
+    assert router.pick_prefill_for(100, 64, d_vllm).worker_id == "p-vllm"
+    assert router.pick_prefill(d_native).worker_id == "p-native"
+    assert router.prefill_fallbacks(registry.workers["p-vllm"]) == []
+    registry.workers["p-vllm"].last_heartbeat -= 60
+    assert router.pick_prefill_for(100, 64, d_vllm) is None  # prefilled on the decode worker, never crossed
+    with pytest.raises(UnavailableError, match="pairs with decode worker d-vllm"):
+        router.pick_prefill(d_vllm)

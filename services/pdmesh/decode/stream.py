@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -138,7 +139,8 @@ class DecodeStream:
         return min(left, self.prefill_timeout_s)
 
     async def _remote_prefill(self, request: EngineRequest, address: str, timeout_s: float, progress: _Progress):
-        """(engine request carrying the checked KV, prefill info, final chunk if the first token ends it)."""
+        """(engine request carrying the checked KV or its transfer handle, prefill info, final chunk if
+        the first token ends it)."""
         progress.phase = "prefill"
         stub = self.clients.get(address)
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
@@ -150,6 +152,13 @@ class DecodeStream:
             result = await _first_result(call, address)
             info = decode_pb2.PrefillInfo(mode="remote", prefill_seconds=result.prefill_seconds,
                                           prefill_worker_id=result.worker_id)
+            if result.kv_transfer_params:
+                # A transfer handle, not a KV tensor: the engine here pulls the KV through its own
+                # connector (vLLM NIXL) and makes the first token itself. A handle it never uses is
+                # rejected by the engine, so the prefill side frees the KV before its lease ends.
+                metrics.HANDOFF_HANDLES.inc()
+                params = json.loads(result.kv_transfer_params)
+                return dataclasses.replace(request, kv_transfer_params=params), info, None
             if result.finish_reason:
                 return request, info, decode_pb2.DecodeChunk(token_ids=[result.first_token],
                                                              finish_reason=result.finish_reason)

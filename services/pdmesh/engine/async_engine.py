@@ -16,7 +16,7 @@ from pdmesh.engine.device import memory_used_bytes
 from pdmesh.engine.engine_protocol import EngineLoad, KVFingerprint
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.sequence import EngineOutput, EngineRequest
-from pdmesh.errors import EngineError
+from pdmesh.errors import EngineError, FailedPreconditionError
 
 log = logging.getLogger(__name__)
 # Cached block hashes a load report carries at most (8 bytes each): ~32k tokens of 16-token blocks.
@@ -127,6 +127,9 @@ class AsyncEngine:
     # -- internals ---------------------------------------------------------------------------
 
     def _open(self, request: EngineRequest) -> asyncio.Queue:
+        if request.kv_transfer_params is not None:
+            raise FailedPreconditionError(f"the {self.kind} engine takes KV as tensors, not a transfer handle "
+                                          "(kv_transfer_params come from a vllm prefill worker)")
         queue: asyncio.Queue = asyncio.Queue()
         if request.request_id in self._streams:
             raise EngineError(f"request id {request.request_id!r} is already streaming")

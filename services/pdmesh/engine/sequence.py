@@ -26,6 +26,8 @@ class EngineRequest:
     kv / first_token: the prompt's KV was computed elsewhere (a prefill worker); import it,
     start from first_token and decode. kv_start: the first prompt token kv holds; the tokens before
     it are in the cached blocks the request's reservation shares (`LLMEngine.reserve`).
+    kv_transfer_params: the prompt's KV waits on another engine behind a transfer handle (vLLM's
+    KV connector); the engine pulls it itself, then makes every output token, the first included.
     """
 
     request_id: str
@@ -36,6 +38,7 @@ class EngineRequest:
     kv_start: int = 0
     first_token: int | None = None
     output_offset: int = 0  # output tokens before this request's (a resumed stream): seeds continue
+    kv_transfer_params: dict | None = None
 
 
 @dataclass(slots=True)
@@ -48,6 +51,7 @@ class EngineOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     queue_s: float | None = None  # on the first output: seconds the request waited to be scheduled
+    kv_transfer_params: dict | None = None  # prefill on a connector engine: the handle decode submits
 
     @property
     def finished(self) -> bool:

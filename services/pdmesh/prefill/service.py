@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -48,11 +49,13 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         try:
             output, seconds = await self._prefill(request)
             finish_reason = "" if output.finish_reason == "prefilled" else output.finish_reason
+            # A transfer handle: the engine's own connector holds the KV under its lease, not KVSender.
+            handle = json.dumps(output.kv_transfer_params) if output.kv_transfer_params else ""
             result = prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
                                                num_tokens=len(request.prompt_token_ids), layout=layout_to_pb(layout),
                                                prefill_seconds=seconds, worker_id=self.state.worker_id,
-                                               kv_start=request.kv_start)
-            if finish_reason:
+                                               kv_start=request.kv_start, kv_transfer_params=handle)
+            if finish_reason or handle:
                 yield result
                 return
             held = self.sender.hold(request_id, request.kv_start)

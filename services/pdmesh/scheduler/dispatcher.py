@@ -72,7 +72,7 @@ class Dispatcher:
             try:
                 decode = self.router.pick_decode(ticket.tokens, prompt=ticket.prompt)
                 prefill = self.router.pick_prefill_for(ticket.num_prompt_tokens, self.local_prefill_threshold,
-                                                       ticket.prompt)
+                                                       decode, ticket.prompt)
             except ResourceExhaustedError:
                 return  # the head waits for KV blocks; strict order means everyone behind it waits too
             except UnavailableError as exc:

@@ -92,30 +92,43 @@ class Router:
         cached = prompt.matched_tokens(prefill) if prompt is not None and prefill is not None else 0
         return Assignment(decode, prefill, num_prompt_tokens, num_tokens, cached)
 
-    def pick_prefill(self, exclude: frozenset[str] = frozenset(), prompt: PromptBlocks | None = None) -> WorkerInfo:
-        """The prefill worker with the fewest prompt tokens to compute before this prompt's first
-        token: its queue plus the part of the prompt its cache lacks."""
-        candidates = [w for w in self.registry.routable("prefill") if w.worker_id not in exclude]
+    def pick_prefill(self, decode: WorkerInfo | None = None, exclude: frozenset[str] = frozenset(),
+                     prompt: PromptBlocks | None = None) -> WorkerInfo:
+        """The prefill worker that can hand KV to `decode` (any, when None) with the fewest prompt
+        tokens to compute before this prompt's first token: its queue plus the part of the prompt
+        its cache lacks."""
+        candidates = [w for w in self.registry.routable("prefill")
+                      if w.worker_id not in exclude and pairs(w, decode)]
         if not candidates:
-            raise UnavailableError("no healthy prefill worker is registered")
+            raise UnavailableError("no healthy prefill worker is registered" + (
+                f" that pairs with decode worker {decode.worker_id} ({decode.pairing.describe()})" if decode else ""))
         return min(candidates, key=lambda w: prefill_cost(w, prompt))
 
     def pick_prefill_for(self, num_prompt_tokens: int, local_threshold: int,
-                         prompt: PromptBlocks | None = None) -> WorkerInfo | None:
+                         decode: WorkerInfo | None = None, prompt: PromptBlocks | None = None) -> WorkerInfo | None:
         """The prefill worker for a prompt, or None: the decode worker prefills it itself (a prompt
-        under local_threshold, or no prefill worker routable now, e.g. while one restarts)."""
+        under local_threshold, or no prefill worker that pairs with it routable now, e.g. while one
+        restarts)."""
         if num_prompt_tokens < local_threshold:
             return None
         try:
-            return self.pick_prefill(prompt=prompt)
+            return self.pick_prefill(decode, prompt=prompt)
         except UnavailableError:
             return None
 
     def prefill_fallbacks(self, chosen: WorkerInfo, limit: int = 2) -> list[str]:
-        """Addresses of other routable prefill workers, least loaded first, to try if chosen fails."""
-        others = [w for w in self.registry.routable("prefill") if w.worker_id != chosen.worker_id]
+        """Addresses of other routable prefill workers that pair like `chosen`, least loaded first,
+        to try if chosen fails."""
+        others = [w for w in self.registry.routable("prefill")
+                  if w.worker_id != chosen.worker_id and w.pairing.mismatch(chosen.pairing) is None]
         others.sort(key=lambda w: w.load.queued_prompt_tokens + w.pending_prompt_tokens)
         return [w.address for w in others[:limit]]
+
+
+def pairs(prefill: WorkerInfo, decode: WorkerInfo | None) -> bool:
+    """Whether prefill can hand KV to decode. Registration refuses a mismatched worker, but one that
+    joined while its mismatched peer was silent meets it again here, when that peer comes back."""
+    return decode is None or prefill.pairing.mismatch(decode.pairing) is None
 
 
 def free_blocks(worker: WorkerInfo) -> int:

@@ -198,7 +198,7 @@ class MeshStream:
             try:
                 prompt = PromptBlocks(list(spec.prompt_ids) + list(progress.generated))
                 decode = self.router.pick_decode(spec.num_tokens, frozenset(progress.failed_decode), prompt)
-                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold, prompt)
+                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold, decode, prompt)
                 return self.router.assign(decode, prefill, prompt_len, spec.num_tokens, prompt)
             except (ResourceExhaustedError, UnavailableError) as exc:
                 now = time.monotonic()

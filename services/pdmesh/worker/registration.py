@@ -32,6 +32,7 @@ class Registration:
     async def run(self) -> None:
         async with internal_channel(self.scheduler_address, self.credentials) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
+            refused = ""
             while True:
                 try:
                     await self._beat(stub)
@@ -42,6 +43,9 @@ class Registration:
                         self.refused = exc.details()
                     elif self.registered.is_set():
                         log.warning("scheduler %s: %s; registering again", self.scheduler_address, exc.code().name)
+                    elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION and exc.details() != refused:
+                        refused = exc.details()  # said once per reason, not on every retry
+                        log.error("the scheduler refused this worker: %s", refused)
                     self.registered.clear()
                 await asyncio.sleep(self.interval_s)
 

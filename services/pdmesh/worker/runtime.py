@@ -12,11 +12,13 @@ import torch
 from pdmesh import metrics
 from pdmesh.config import CpuPlacement, WorkerConfig
 from pdmesh.engine.async_engine import AsyncEngine
-from pdmesh.engine.checkpoint import load_checkpoint
-from pdmesh.engine.device import resolve_device
+from pdmesh.engine.checkpoint import load_checkpoint, load_model_metadata
+from pdmesh.engine import kv_budget
+from pdmesh.engine.device import resolve_device, resolve_dtype
 from pdmesh.engine.echo_model import EchoModel, echo_config
 from pdmesh.engine.engine_protocol import Engine, EngineLoad
 from pdmesh.engine.llm_engine import LLMEngine
+from pdmesh.engine.vllm_model_folder import ensure_vllm_folder
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
 from pdmesh.worker.convert import layout_to_pb
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def apply_cpu_placement(cpu: CpuPlacement) -> None:
+    if cpu.cpu_ids():
+        os.sched_setaffinity(0, cpu.cpu_ids())
     if cpu.threads:
         torch.set_num_threads(cpu.threads)
     if cpu.nice:
@@ -39,6 +43,8 @@ def group_threads(config: WorkerConfig) -> CpuPlacement:
 
 def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
     """The worker's engine, behind the worker interface; the worker steps it on its main thread."""
+    if config.engine_kind == "vllm":
+        return _log_started(config, start_vllm_engine(config))
     if config.engine_kind == "pdmesh":
         resolve_device(config.engine.device, num_ranks=config.tp)  # --device cuda without CUDA: stop now
     apply_cpu_placement(group_threads(config))
@@ -56,6 +62,32 @@ def start_engine(config: WorkerConfig, log_level: str = "INFO") -> Engine:
                              own_thread=False, kind="echo")
     else:
         engine = AsyncEngine(LLMEngine(checkpoint.config, checkpoint.weights, config.engine), own_thread=False)
+    return _log_started(config, engine)
+
+
+def start_vllm_engine(config: WorkerConfig) -> Engine:
+    """vLLM in this process (its EngineCore in a child), on an HF folder of the model. Its OpenMP
+    threads are pinned to --cpus; the worker's own process is not (it only serves gRPC)."""
+    from pdmesh.engine.vllm_engine import VllmEngine
+    from pdmesh.engine.vllm_settings import VllmSettings, require_vllm
+
+    require_vllm()  # before any conversion: a missing package is the first thing to say
+    if config.cpu.nice:
+        os.nice(config.cpu.nice)
+    model = load_model_metadata(config.model, log=log.info).config
+    settings = VllmSettings(
+        model_dir=str(ensure_vllm_folder(config.model, log=log.info)), role=config.role,
+        max_model_len=min(config.engine.max_model_len or model.max_position_embeddings, model.max_position_embeddings),
+        kv_cache_bytes=int((config.engine.kv_cache_gib or kv_budget.CPU_DEFAULT_GIB) * kv_budget.GIB), max_num_seqs=config.engine.max_num_seqs,
+        max_num_batched_tokens=config.engine.max_num_batched_tokens, cpus=config.cpu.cpus,
+        dtype=resolve_dtype(config.engine.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        side_channel_host=config.listen.advertised_host(), side_channel_port=config.kv_side_channel_port,
+        kv_lease_s=max(1, round(config.held_kv_ttl_s)), eos_token_ids=model.eos_token_ids,
+        prefix_cache=config.engine.prefix_cache)
+    return VllmEngine(settings, model)
+
+
+def _log_started(config: WorkerConfig, engine: Engine) -> Engine:
     load = engine.load()
     log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
              engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,

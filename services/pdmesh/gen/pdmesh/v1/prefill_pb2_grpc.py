@@ -77,6 +77,7 @@ class PrefillWorkerServicer:
         """/ Prefills a prompt and streams one PrefillResult. The prompt's KV stays held while this call
         / is open: PullKV or ReleaseKV frees it and ends the call; a caller that cancels the call (or
         / vanishes) frees it at once. The held-kv-ttl is only a backstop.
+        / On a vLLM worker the result carries a transfer handle for the decode worker's engine instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
