@@ -51,6 +51,11 @@ ENGINE_BUSY = Counter("pdmesh_engine_busy_seconds_total",
                       "updated at each heartbeat")
 KV_BLOCKS_FREE = Gauge("pdmesh_kv_blocks_free", "Free KV cache blocks")
 KV_BLOCKS_TOTAL = Gauge("pdmesh_kv_blocks_total", "All KV cache blocks")
+KV_BLOCKS_CACHED = Gauge("pdmesh_kv_blocks_cached", "KV blocks the prefix cache indexes (in use or free)")
+PREFIX_CACHE_QUERIES = Counter("pdmesh_prefix_cache_queries",
+                               "Prompt tokens looked up in the prefix cache (as vLLM's prefix_cache_queries)")
+PREFIX_CACHE_HITS = Counter("pdmesh_prefix_cache_hits",
+                            "Prompt tokens whose KV the prefix cache held, not computed again")
 HANDOFF_BYTES = Counter("pdmesh_kv_handoff_bytes_total", "KV bytes handed from prefill to decode")
 HANDOFF_SECONDS = Histogram("pdmesh_kv_handoff_seconds", "Time of one KV hand-off",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))

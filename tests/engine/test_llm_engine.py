@@ -1,4 +1,5 @@
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -67,8 +68,7 @@ def test_scattered_blocks_equal_contiguous(make_engine):
     paged = make_engine(block_size=2)
     free = list(paged.pool._free)
     random.Random(0).shuffle(free)
-    paged.pool._free.clear()
-    paged.pool._free.extend(free)
+    paged.pool._free = OrderedDict.fromkeys(free)
     paged.add_request(EngineRequest("r", p, greedy(20)))
     assert run_to_end(paged) == run_to_end(contiguous)
 

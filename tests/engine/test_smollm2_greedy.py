@@ -54,3 +54,35 @@ def test_paris_then_eos(smollm2):
     tokens = run_to_end(engine)["r"]
     assert tokens[-1] in smollm2.config.eos_token_ids
     assert smollm2.tokenizer.decode(tokens, skip_special_tokens=True) == "The capital of France is Paris."
+
+
+SYSTEM = ("You are a careful assistant for a shipping company. Answer in one short sentence, name units, "
+          "and never invent tracking numbers.")
+QUESTIONS = ["How heavy can a parcel be?", "Do you ship to Norway?", "What is a pallet?"]
+
+
+def test_prefix_cache_keeps_greedy_tokens(smollm2):
+    """Chats sharing a system prompt, then a multi-turn conversation: the same greedy tokens with
+    the prefix cache on and off, the cache on hits, and every block is free afterwards."""
+    def answers(engine) -> list[list[int]]:
+        tokenizer, out, params = smollm2.tokenizer, [], SamplingParams(max_tokens=12)
+        for i, question in enumerate(QUESTIONS):
+            chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            engine.add_request(EngineRequest(f"q{i}", tokenizer.apply_chat_template(chat), params))
+            out.append(run_to_end(engine)[f"q{i}"])
+        chat = [{"role": "system", "content": SYSTEM}]
+        for turn, question in enumerate(QUESTIONS[:2]):
+            chat.append({"role": "user", "content": question})
+            engine.add_request(EngineRequest(f"t{turn}", tokenizer.apply_chat_template(chat), params))
+            out.append(run_to_end(engine)[f"t{turn}"])
+            chat.append({"role": "assistant", "content": tokenizer.decode(out[-1], skip_special_tokens=True)})
+        return out
+
+    def engine(prefix_cache: bool) -> LLMEngine:
+        return LLMEngine(smollm2.config, smollm2.weights,
+                         EngineConfig(kv_cache_gib=0.05, max_model_len=512, prefix_cache=prefix_cache))
+    cached = engine(True)
+    assert answers(cached) == answers(engine(False))
+    queried, hits = cached.prefix_cache_stats()
+    assert hits >= 4 * 32 and hits < queried  # every chat after the first shares >= 2 system blocks
+    assert cached.num_free_blocks == cached.num_total_blocks

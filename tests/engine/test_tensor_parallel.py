@@ -142,3 +142,20 @@ def test_tp_sizes_that_cannot_split_the_heads_are_refused():
         check_tp_size(odd, 6)
     assert [kv_heads_of(smollm, r, 3) for r in range(3)] == [(0,), (1,), (2,)]
     assert [kv_heads_of(smollm, r, 9) for r in range(9)] == [(0,)] * 3 + [(1,)] * 3 + [(2,)] * 3
+
+
+def test_prefix_cache_under_tp(model):
+    """Rank 0 decides what is cached (block tables, and the cached prefix's slots in the step's batch
+    it broadcasts); each follower attends over its own heads of the same shared blocks."""
+    config, weights = model
+    second = PROMPT[:8] + [5, 6, 7]  # shares PROMPT's first 2 blocks
+    reference = LLMEngine(config, weights, EngineConfig(**SETTINGS, prefix_cache=False))
+    expected = [greedy(reference, PROMPT), greedy(reference, second)]
+    group = make_group(config, weights, 2)
+    try:
+        assert [greedy(group.engine, PROMPT), greedy(group.engine, second)] == expected
+        assert group.engine.prefix_cache_stats() == (len(PROMPT) + len(second), 8)
+        assert group.engine.num_free_blocks == group.engine.num_total_blocks
+        assert not group.broken
+    finally:
+        group.close()

@@ -1,12 +1,13 @@
 """One request on a decode worker, from block reservation to its last token.
 
 Blocks for prompt + max_tokens are reserved before the prompt is prefilled anywhere, so a
-hand-off never finds the pool full. The prompt is prefilled by the first prefill worker that
-delivers KV that checks out (kv_receiver.py verifies length and checksum before the sequence
-joins the batch); a worker that fails, stalls or sends bad KV is skipped, and after the last one
-the prompt is prefilled here. Every way out (finish, cancel, deadline, prefill or transfer error)
-frees the reservation here at once, and ends the Prefill call, which frees the held KV on the
-prefill worker at once too.
+hand-off never finds the pool full. The reservation shares the blocks of the prompt's prefix that
+this worker's cache holds, and the prefill worker sends the KV of the rest only (kv_start). The
+prompt is prefilled by the first prefill worker that delivers KV that checks out (kv_receiver.py
+verifies length and checksum before the sequence joins the batch); a worker that fails, stalls or
+sends bad KV is skipped, and after the last one the prompt is prefilled here. Every way out
+(finish, cancel, deadline, prefill or transfer error) frees the reservation here at once, and ends
+the Prefill call, which frees the held KV on the prefill worker at once too.
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ class DecodeStream:
                   output_offset: int, timeout_s: float | None) -> AsyncIterator[decode_pb2.DecodeChunk]:
         """prefill_addresses: prefill workers to try in order; after them (or with none) prefill here."""
         self.engine.validate(prompt, params.max_tokens)
-        self.engine.reserve(request_id, len(prompt) + params.max_tokens)
+        kv_start = self.engine.reserve(request_id, len(prompt) + params.max_tokens, prompt)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         progress = _Progress()
         try:
-            request = EngineRequest(request_id, prompt, params, output_offset=output_offset)
+            request = EngineRequest(request_id, prompt, params, output_offset=output_offset, kv_start=kv_start)
             request, info, last = await self._prefill(request, prefill_addresses, deadline, progress)
             info.prefill_fallbacks, info.kv_recomputes = progress.prefill_fallbacks, progress.kv_recomputes
             if last is not None:
@@ -144,7 +145,7 @@ class DecodeStream:
         stub = self.clients.get(address)
         pb = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_ids,
                                         sampling=sampling_to_pb(request.params), output_offset=request.output_offset,
-                                        layout=layout_to_pb(self.receiver.layout))
+                                        layout=layout_to_pb(self.receiver.layout), kv_start=request.kv_start)
         # Open while the prefill worker holds the KV. A stream: the credential goes with the call.
         call = stub.Prefill(pb, timeout=timeout_s, metadata=tracing.inject(self.clients.credentials.metadata()))
         try:
@@ -161,9 +162,12 @@ class DecodeStream:
             if result.finish_reason:
                 return request, info, decode_pb2.DecodeChunk(token_ids=[result.first_token],
                                                              finish_reason=result.finish_reason)
+            if result.kv_start != request.kv_start:
+                raise TransferError(f"prefill on {address} sends KV from token {result.kv_start:,}; "
+                                    f"this worker holds the first {request.kv_start:,}")
             progress.phase = "transfer"
             kv, info.handoff_bytes, info.handoff_seconds = await self.receiver.pull(
-                stub, address, request.request_id, result.num_tokens, layout_from_pb(result.layout))
+                stub, address, request.request_id, result.num_tokens - result.kv_start, layout_from_pb(result.layout))
         except BaseException:
             call.cancel()  # ends the hold: the prefill worker frees the prompt's KV now, not at its TTL
             raise

@@ -21,6 +21,8 @@ from pdmesh.engine.request_checks import stream_outputs
 from pdmesh.errors import EngineError, FailedPreconditionError
 
 log = logging.getLogger(__name__)
+# Cached block hashes a load report carries at most (8 bytes each): ~32k tokens of 16-token blocks.
+MAX_REPORTED_HASHES = 2048
 
 
 class AsyncEngine:
@@ -71,9 +73,9 @@ class AsyncEngine:
             raise EngineError(output.error if output else "prefill produced nothing")
         return output
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """A held prompt's KV: [layers, 2, tokens, local kv heads, head_dim]."""
-        return self.engine.export_kv(request_id)
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor:
+        """A held prompt's KV from token `start` on: [layers, 2, tokens - start, local kv heads, head_dim]."""
+        return self.engine.export_kv(request_id, start)
 
     def release_held(self, request_id: str) -> int:
         return self.engine.release_held(request_id)
@@ -82,8 +84,8 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wake.set()
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
-        self.engine.reserve(request_id, num_tokens)
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        return self.engine.reserve(request_id, num_tokens, prompt_ids)
 
     def release_reservation(self, request_id: str) -> bool:
         return self.engine.release_reservation(request_id)
@@ -93,8 +95,12 @@ class AsyncEngine:
 
     def load(self) -> EngineLoad:
         running, waiting = self.engine.load()
+        queried, hits = self.engine.prefix_cache_stats()
         return EngineLoad(running, waiting, self.engine.num_free_blocks, self.engine.num_total_blocks,
-                          self.engine.config.block_size, memory_used_bytes(self.device), self.busy_seconds)
+                          self.engine.config.block_size, memory_used_bytes(self.device),
+                          busy_seconds=self.busy_seconds, cached_blocks=self.engine.num_cached_blocks,
+                          prefix_queried_tokens=queried, prefix_hit_tokens=hits,
+                          cached_block_hashes=tuple(self.engine.cached_block_hashes(MAX_REPORTED_HASHES)))
 
     def has_work(self) -> bool:
         return self.engine.has_work()

@@ -2,7 +2,9 @@
 
 Blocks for prompt + max_tokens are reserved when a sequence is admitted (or earlier, by a
 decode worker before it asks for a prefill), so a running sequence never runs out of KV and
-nothing is ever preempted. A sequence that does not fit waits, in arrival order.
+nothing is ever preempted. A sequence that does not fit waits, in arrival order. A sequence that
+computes its prompt shares the cached blocks of its prompt's prefix (`prefix_cache`) and computes
+only the rest; a finished sequence leaves its full blocks cached.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pdmesh.engine.block_pool import BlockPool
 from pdmesh.engine.engine_config import EngineConfig
+from pdmesh.engine.prefix_cache import PrefixCache
 from pdmesh.engine.sequence import Sequence, SequenceStatus
 from pdmesh.errors import EngineError, InvalidRequestError
 
@@ -29,31 +32,36 @@ class ScheduledStep:
 
 
 class BatchScheduler:
-    def __init__(self, pool: BlockPool, config: EngineConfig, max_model_len: int):
+    def __init__(self, pool: BlockPool, config: EngineConfig, max_model_len: int, prefix_seed: int = 0):
         self.pool = pool
+        self.prefix_cache = PrefixCache(pool, prefix_seed, config.prefix_cache)
         self.config = config
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}  # prefill-only sequences awaiting export
-        self.reservations: dict[str, list[int]] = {}  # request id -> blocks reserved ahead
+        # request id -> (blocks reserved ahead, leading prompt tokens they hold from the prefix cache)
+        self.reservations: dict[str, tuple[list[int], int]] = {}
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
-        """Reserve blocks for a request that will arrive later under the same id."""
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        """Reserve blocks for a request that will arrive later under the same id, sharing the cached
+        blocks of its prompt's prefix. Returns the leading prompt tokens the reservation holds."""
         if request_id in self.reservations:
             raise EngineError(f"request {request_id!r} already holds a reservation")
         self.check_fits(num_tokens)
-        self.reservations[request_id] = self.pool.reserve(num_tokens)
+        block_ids, num_cached = self.prefix_cache.reserve(prompt_ids or [], num_tokens)
+        self.reservations[request_id] = (block_ids, num_cached)
+        return num_cached
 
     def release_reservation(self, request_id: str) -> bool:
-        block_ids = self.reservations.pop(request_id, None)
-        if block_ids is not None:
-            self.pool.release(block_ids)
-        return block_ids is not None
+        reservation = self.reservations.pop(request_id, None)
+        if reservation is not None:
+            self.pool.release(reservation[0])
+        return reservation is not None
 
     def check_fits(self, num_tokens: int) -> None:
         """Refuse a request that could never be admitted, whatever else is running."""
@@ -74,30 +82,37 @@ class BatchScheduler:
         while self.waiting and len(self.running) + len(step.prefill) + len(step.imported) < self.config.max_num_seqs:
             seq = self.waiting[0]
             computes = seq.request.kv is None
-            if computes and step.prefill and seq.num_prompt_tokens > budget:
+            reserved = seq.request_id in self.reservations
+            hits = self.prefix_cache.lookup(seq) if computes and not reserved else []
+            num_new = seq.num_prompt_tokens - len(hits) * self.pool.block_size
+            if computes and step.prefill and num_new > budget:
                 break  # a long prompt runs in a step of its own
-            if not self._take_blocks(seq):
+            if not self._take_blocks(seq, hits):
                 break
             self.waiting.popleft()
             seq.scheduled = time.monotonic()
             if computes:
                 step.prefill.append(seq)
-                budget -= seq.num_prompt_tokens
+                budget -= num_new
             else:
                 step.imported.append(seq)
         return step
 
-    def _take_blocks(self, seq: Sequence) -> bool:
-        reserved = self.reservations.pop(seq.request_id, None)
-        if reserved is not None:
-            if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens):
+    def _take_blocks(self, seq: Sequence, hits: list[int]) -> bool:
+        reservation = self.reservations.pop(seq.request_id, None)
+        if reservation is not None:
+            reserved, num_cached = reservation
+            imported_from = seq.request.kv_start if seq.request.kv is not None else num_cached
+            if len(reserved) < self.pool.blocks_for_tokens(seq.num_reserved_tokens) or imported_from != num_cached:
                 self.pool.release(reserved)
-                raise EngineError(f"request {seq.request_id!r}: its reservation is too small")
+                raise EngineError(f"request {seq.request_id!r}: its reservation ({len(reserved)} blocks, "
+                                  f"{num_cached} tokens cached) does not fit it (KV from token {imported_from})")
             seq.block_ids = reserved
+            seq.num_cached_tokens = seq.num_computed_tokens = num_cached
             return True
-        if not self.pool.can_reserve(seq.num_reserved_tokens):
+        if not self.prefix_cache.can_allocate(seq, hits):
             return False
-        seq.block_ids = self.pool.reserve(seq.num_reserved_tokens)
+        self.prefix_cache.allocate(seq, hits)
         return True
 
     def start_running(self, seq: Sequence) -> None:
@@ -109,7 +124,8 @@ class BatchScheduler:
         self.held[seq.request_id] = seq
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence from every queue and free its blocks (exactly once)."""
+        """Remove a sequence from every queue and free its blocks (exactly once); its computed full
+        blocks stay cached."""
         if seq.status is SequenceStatus.FINISHED:
             return
         if seq.status is SequenceStatus.RUNNING:
@@ -120,5 +136,6 @@ class BatchScheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         if seq.block_ids:
+            self.prefix_cache.cache_computed(seq)
             self.pool.release(seq.block_ids)
             seq.block_ids = []

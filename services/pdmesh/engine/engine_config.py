@@ -38,6 +38,9 @@ class EngineConfig:
     attention_backend: str = field(default="auto", metadata=option(
         "decode attention over the paged KV: sdpa gathers each context, flex reads blocks in place "
         "(auto: flex on CUDA when it compiles, else sdpa)", choices=ATTENTION_BACKENDS))
+    prefix_cache: bool = field(default=True, metadata=option(
+        "keep the KV of full prompt blocks after a request ends and reuse it for prompts that share "
+        "the prefix (--no-prefix-cache: compute every prompt in full)"))
 
     def __post_init__(self):
         if self.max_model_len < 0:

@@ -2,10 +2,11 @@
 in and out, no engine insides. A worker never reaches past these methods.
 
     engine.validate(prompt_ids, max_tokens)        # refuse what can never run (caps, context)
-    engine.reserve(request_id, num_tokens)         # decode: blocks for prompt + max_tokens
+    cached = engine.reserve(request_id, num_tokens, prompt_ids)  # decode: blocks for prompt + max_tokens,
+                                                   # sharing cached prefix blocks; tokens held already
     async for out in engine.generate(request):     # stream outputs; leaving early aborts
     out = await engine.prefill(request)            # prefill only; KV held until exported/released
-    kv = engine.export_kv(request_id)              # [layers, 2, tokens, kv heads, head dim]
+    kv = engine.export_kv(request_id, start)       # [layers, 2, tokens - start, kv heads, head dim]
     engine.release_held(request_id) / release_reservation(request_id) / abort(request_id)
     engine.load() -> EngineLoad                     # for heartbeats and admission
     engine.fingerprint() -> KVFingerprint           # who may hand KV to whom
@@ -35,6 +36,11 @@ class EngineLoad:
     block_size: int
     gpu_memory_used_bytes: int = 0  # what the engine holds on its GPU (rank 0); 0 on CPU
     busy_seconds: float = 0.0  # time spent in engine steps since start (its rate: the share of time busy)
+    cached_blocks: int = 0  # blocks the prefix cache indexes (in use or free)
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_hit_tokens: int = 0  # of those, tokens found there
+    # The most recently used cached block hashes (bounded): what the scheduler routes by.
+    cached_block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +72,9 @@ class Engine(Protocol):
     async def prefill(self, request: EngineRequest) -> EngineOutput: ...
     def abort(self, request_id: str) -> None: ...
     def validate(self, prompt_ids: list[int], max_tokens: int) -> None: ...
-    def reserve(self, request_id: str, num_tokens: int) -> None: ...
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int: ...
     def release_reservation(self, request_id: str) -> bool: ...
-    def export_kv(self, request_id: str) -> torch.Tensor: ...
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor: ...
     def release_held(self, request_id: str) -> int: ...
     def load(self) -> EngineLoad: ...
     def has_work(self) -> bool: ...

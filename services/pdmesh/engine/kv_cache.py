@@ -78,17 +78,18 @@ class KVCache:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def export(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """[num_layers, 2, num_tokens, local kv heads, head_dim]: a copy of one sequence's KV, on the
-        cache's device."""
-        return self.kv[:, :, self.slots(block_ids, 0, num_tokens).to(self.kv.device)]
+    def export(self, block_ids: list[int], num_tokens: int, start: int = 0) -> torch.Tensor:
+        """[num_layers, 2, num_tokens - start, local kv heads, head_dim]: a copy of one sequence's KV
+        of positions [start, num_tokens), on the cache's device."""
+        return self.kv[:, :, self.slots(block_ids, start, num_tokens).to(self.kv.device)]
 
-    def import_(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Write a sequence's KV ([L, 2, num_tokens, local heads, D], on any device) into its blocks."""
+    def import_(self, block_ids: list[int], kv: torch.Tensor, start: int = 0) -> None:
+        """Write a sequence's KV of positions [start, start + tokens) ([L, 2, tokens, local heads, D],
+        on any device) into its blocks."""
         expected = (self.kv.shape[0], 2, kv.shape[2], *self.kv.shape[3:])
         if tuple(kv.shape) != expected or kv.dtype != self.kv.dtype:
             raise EngineError(f"KV import of shape {tuple(kv.shape)} {kv.dtype} does not fit "
                               f"{expected} {self.kv.dtype}")
-        if kv.shape[2] > len(block_ids) * self.block_size:
-            raise EngineError(f"KV of {kv.shape[2]} tokens does not fit {len(block_ids)} blocks")
-        self.kv[:, :, self.slots(block_ids, 0, kv.shape[2]).to(self.kv.device)] = kv.to(self.kv.device)
+        if start + kv.shape[2] > len(block_ids) * self.block_size:
+            raise EngineError(f"KV of {start + kv.shape[2]} tokens does not fit {len(block_ids)} blocks")
+        self.kv[:, :, self.slots(block_ids, start, start + kv.shape[2]).to(self.kv.device)] = kv.to(self.kv.device)

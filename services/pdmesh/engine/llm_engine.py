@@ -27,6 +27,7 @@ from pdmesh.engine.flex_decode import decode_backend_for
 from pdmesh.engine.kv_cache import KVCache, KVLayout
 from pdmesh.engine.model import AllReduce, LlamaModel
 from pdmesh.engine.model_config import ModelConfig
+from pdmesh.engine.prefix_hash import model_seed
 from pdmesh.engine.sampler import sample
 from pdmesh.engine.sequence import EngineOutput, EngineRequest, Sequence, SequenceStatus
 from pdmesh.engine.request_checks import check_prompt_ids
@@ -58,7 +59,7 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.cache = KVCache(self.layout, num_blocks, config.block_size, self.device)
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.scheduler = BatchScheduler(self.pool, config, self.max_model_len)
+        self.scheduler = BatchScheduler(self.pool, config, self.max_model_len, model_seed(model_config.name))
         self.lock = threading.RLock()
         self._sequences: dict[str, Sequence] = {}
         self._aborts: set[str] = set()
@@ -86,7 +87,7 @@ class LLMEngine:
         blocks = [-(-n // block_size) for n in lens]
         cache = KVCache(self.local_layout, sum(blocks), block_size, self.device)
         starts = [sum(blocks[:i]) for i in range(len(blocks))]
-        prefill = [(list(range(start, start + nb)), n) for start, nb, n in zip(starts, blocks, lens)]
+        prefill = [(list(range(start, start + nb)), 0, n) for start, nb, n in zip(starts, blocks, lens)]
         batch = AttentionBatch.build(cache, prefill, [])
         num_tokens = sum(lens)
         ids = torch.arange(num_tokens) % self.model_config.vocab_size
@@ -103,6 +104,20 @@ class LLMEngine:
     @property
     def num_total_blocks(self) -> int:
         return self.pool.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.pool.num_cached_blocks
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, tokens found there), since start."""
+        cache = self.scheduler.prefix_cache
+        return cache.num_queried_tokens, cache.num_hit_tokens
+
+    def cached_block_hashes(self, limit: int) -> list[int]:
+        """Up to `limit` hashes of cached blocks, the most recently used first."""
+        with self.lock:
+            return self.pool.cached_hashes()[::-1][:limit]
 
     def has_work(self) -> bool:
         with self.lock:
@@ -139,21 +154,28 @@ class LLMEngine:
             if request_id in self._sequences:
                 self._aborts.add(request_id)
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
+        """Blocks for a request arriving later (its KV computed elsewhere). With prompt_ids, the
+        reservation shares the cached blocks of the prompt's prefix; returns the leading prompt
+        tokens it holds so (the request's KV then starts there: EngineRequest.kv_start)."""
         with self.lock:
-            self.scheduler.reserve(request_id, num_tokens)
+            return self.scheduler.reserve(request_id, num_tokens, prompt_ids)
 
     def release_reservation(self, request_id: str) -> bool:
         with self.lock:
             return self.scheduler.release_reservation(request_id)
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """KV of a held (prefill-only) sequence's prompt: [layers, 2, tokens, local kv heads, D]."""
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor:
+        """KV of a held (prefill-only) sequence's prompt from token `start` on (what the receiver
+        lacks): [layers, 2, tokens - start, local kv heads, D]."""
         with self.lock:
             seq = self.scheduler.held.get(request_id)
             if seq is None:
                 raise EngineError(f"request {request_id!r} holds no prefilled KV")
-            return self.cache.export(seq.block_ids, seq.num_prompt_tokens)
+            if not 0 <= start < seq.num_prompt_tokens:
+                raise EngineError(f"KV export of {request_id!r} from token {start:,}: "
+                                  f"its prompt has {seq.num_prompt_tokens:,}")
+            return self.cache.export(seq.block_ids, seq.num_prompt_tokens, start)
 
     def release_held(self, request_id: str) -> int:
         """Free a held prompt's KV; returns the number of blocks freed (0: nothing was held)."""
@@ -184,7 +206,10 @@ class LLMEngine:
         self.last_step_s = time.perf_counter() - start
         self.num_steps += 1
         with self.lock:
-            for seq, token in zip(step.prefill + step.decode, tokens):
+            for i, (seq, token) in enumerate(zip(step.prefill + step.decode, tokens)):
+                seq.num_computed_tokens = seq.num_tokens  # the KV of every token fed so far is written
+                if i < len(step.prefill):
+                    self.scheduler.prefix_cache.cache_computed(seq)  # shareable before it finishes
                 if not seq.aborted:
                     outputs.append(self._append(seq, token))
         return outputs
@@ -204,25 +229,28 @@ class LLMEngine:
         outputs = []
         for seq in step.imported:
             try:
-                self.cache.import_(seq.block_ids, seq.request.kv)
+                self.cache.import_(seq.block_ids, seq.request.kv, seq.request.kv_start)
             except EngineError as exc:
                 outputs.append(self._fail(seq, exc))
                 continue
             seq.request.kv = None  # the cache has it now; drop the transfer buffer
+            seq.num_computed_tokens = seq.num_prompt_tokens
+            self.scheduler.prefix_cache.cache_computed(seq)
             outputs.append(self._append(seq, seq.request.first_token))
         return outputs
 
     def _run(self, step: ScheduledStep) -> list[int]:
         ids, positions, rows = [], [], []
-        for seq in step.prefill:
-            ids += seq.request.prompt_ids
-            positions += range(seq.num_prompt_tokens)
+        for seq in step.prefill:  # only what the prefix cache does not hold
+            ids += seq.request.prompt_ids[seq.num_cached_tokens:]
+            positions += range(seq.num_cached_tokens, seq.num_prompt_tokens)
             rows.append(len(ids) - 1)
         for seq in step.decode:
             ids.append(seq.output_ids[-1])
             positions.append(seq.num_tokens - 1)
             rows.append(len(ids) - 1)
-        batch = AttentionBatch.build(self.cache, [(s.block_ids, s.num_prompt_tokens) for s in step.prefill],
+        batch = AttentionBatch.build(self.cache, [(s.block_ids, s.num_cached_tokens, s.num_prompt_tokens)
+                                                  for s in step.prefill],
                                      [(s.block_ids, s.num_tokens) for s in step.decode])
         logits = self.model.forward(torch.tensor(ids), torch.tensor(positions), batch, self.cache,
                                     torch.tensor(rows))

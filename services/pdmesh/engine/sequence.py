@@ -24,7 +24,8 @@ class EngineRequest:
 
     prefill_only: compute the prompt's KV and first token, then hold the blocks for export.
     kv / first_token: the prompt's KV was computed elsewhere (a prefill worker); import it,
-    start from first_token and decode.
+    start from first_token and decode. kv_start: the first prompt token kv holds; the tokens before
+    it are in the cached blocks the request's reservation shares (`LLMEngine.reserve`).
     kv_transfer_params: the prompt's KV waits on another engine behind a transfer handle (vLLM's
     KV connector); the engine pulls it itself, then makes every output token, the first included.
     """
@@ -33,7 +34,8 @@ class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
     prefill_only: bool = False
-    kv: torch.Tensor | None = None  # [layers, 2, prompt tokens, local kv heads, head_dim]
+    kv: torch.Tensor | None = None  # [layers, 2, prompt tokens from kv_start, local kv heads, head_dim]
+    kv_start: int = 0
     first_token: int | None = None
     output_offset: int = 0  # output tokens before this request's (a resumed stream): seeds continue
     kv_transfer_params: dict | None = None
@@ -66,6 +68,9 @@ class Sequence:
     aborted: bool = False
     arrival: float = field(default_factory=time.monotonic)
     scheduled: float | None = None  # when it left the waiting queue
+    num_cached_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
+    num_computed_tokens: int = 0  # leading tokens whose KV is in the blocks
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
 
     @property
     def request_id(self) -> str:
@@ -78,6 +83,10 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:

@@ -97,12 +97,12 @@ class TPKVCache:
     def slots(self, block_ids, start, end):
         return self.local.slots(block_ids, start, end)
 
-    def export(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """[layers, 2, tokens, every KV head of the model, head_dim], gathered from the ranks."""
+    def export(self, block_ids: list[int], num_tokens: int, start: int = 0) -> torch.Tensor:
+        """[layers, 2, num_tokens - start, every KV head of the model, head_dim], gathered from the ranks."""
         group = self.driver.group
         with self.driver.lock, self.driver._fatal():
-            self.driver.command("export", block_ids, num_tokens)
-            shards = [self.local.export(block_ids, num_tokens)]
+            self.driver.command("export", block_ids, num_tokens, start)
+            shards = [self.local.export(block_ids, num_tokens, start)]
             for rank in range(1, group.size):
                 shards.append(group.recv(shards[0].shape, shards[0].dtype, src=rank))
         by_head = {}
@@ -111,14 +111,14 @@ class TPKVCache:
                 by_head.setdefault(head, shard[:, :, :, i])
         return torch.stack([by_head[h] for h in sorted(by_head)], dim=3)
 
-    def import_(self, block_ids: list[int], kv: torch.Tensor) -> None:
+    def import_(self, block_ids: list[int], kv: torch.Tensor, start: int = 0) -> None:
         """Scatter the whole model's KV: each rank writes the heads it owns."""
         group = self.driver.group
         with self.driver.lock, self.driver._fatal():
-            self.driver.command("import", block_ids, kv.shape[2])
+            self.driver.command("import", block_ids, kv.shape[2], start)
             for rank in range(1, group.size):
                 group.send(kv[:, :, :, list(self.rank_heads[rank])], dst=rank)
-            self.local.import_(block_ids, kv[:, :, :, list(self.rank_heads[0])].contiguous())
+            self.local.import_(block_ids, kv[:, :, :, list(self.rank_heads[0])].contiguous(), start)
 
 
 def rank_heads(config, size: int) -> tuple[tuple[int, ...], ...]:
@@ -150,11 +150,11 @@ def follow(group: TPGroup, model: LlamaModel, layout: KVLayout) -> None:
             scratch = KVCache(layout, num_blocks, block_size, model.device)
             model.forward(input_ids, positions, batch, scratch, NO_LOGITS)
         elif kind == "export":
-            block_ids, num_tokens = args
-            group.send(cache.export(block_ids, num_tokens), dst=0)
+            block_ids, num_tokens, start = args
+            group.send(cache.export(block_ids, num_tokens, start), dst=0)
         elif kind == "import":
-            block_ids, num_tokens = args
+            block_ids, num_tokens, start = args
             shape = (layout.num_layers, 2, num_tokens, len(layout.kv_head_ids), layout.head_dim)
-            cache.import_(block_ids, group.recv(shape, torch_dtype(layout.dtype), src=0))
+            cache.import_(block_ids, group.recv(shape, torch_dtype(layout.dtype), src=0), start)
         elif kind == "stop":
             return

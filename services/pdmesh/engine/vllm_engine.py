@@ -148,9 +148,10 @@ class VllmEngine:
 
     # -- capacity: vLLM allocates blocks as tokens come, pdmesh admits on prompt + max_tokens ---
 
-    def reserve(self, request_id: str, num_tokens: int) -> None:
+    def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
         """Count blocks for prompt + max_tokens against this engine until release_reservation, so
-        the load reported to the scheduler never promises the same blocks twice."""
+        the load reported to the scheduler never promises the same blocks twice. Returns 0: vLLM's
+        own prefix cache and connector decide what a hand-off moves, not a pdmesh kv_start."""
         need = -(-num_tokens // self.block_size)
         if need > self.num_blocks:
             raise InvalidRequestError(f"request needs {need:,} KV blocks; the whole cache has {self.num_blocks:,}")
@@ -158,6 +159,7 @@ class VllmEngine:
         if need > free:
             raise ResourceExhaustedError(f"no room for {num_tokens:,} tokens of KV now ({free:,} blocks free)")
         self._reserved[request_id] = need
+        return 0
 
     def release_reservation(self, request_id: str) -> bool:
         return self._reserved.pop(request_id, None) is not None
@@ -181,7 +183,7 @@ class VllmEngine:
 
     # -- KV as tensors: not how vLLM hands off ------------------------------------------------------
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
+    def export_kv(self, request_id: str, start: int = 0) -> torch.Tensor:
         raise EngineError("the vllm engine hands KV off through its NIXL connector (kv_transfer_params), "
                           "not as tensors")
 

@@ -45,6 +45,7 @@ class VllmSettings:
     side_channel_port: int = 0  # 0: a free one, chosen at start
     kv_lease_s: int = 30
     eos_token_ids: tuple[int, ...] = ()
+    prefix_cache: bool = True  # vLLM's automatic prefix caching (--no-prefix-cache turns it off)
 
     def __post_init__(self):
         if self.role not in ("prefill", "decode"):
@@ -73,4 +74,5 @@ class VllmSettings:
         return AsyncEngineArgs(model=self.model_dir, dtype=self.dtype, enforce_eager=True,
                                max_model_len=self.max_model_len, kv_cache_memory_bytes=self.kv_cache_bytes,
                                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               skip_tokenizer_init=True, disable_log_stats=True, kv_transfer_config=transfer)
+                               skip_tokenizer_init=True, disable_log_stats=True, kv_transfer_config=transfer,
+                               enable_prefix_caching=self.prefix_cache)

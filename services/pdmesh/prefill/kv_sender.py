@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Held:
     """A prompt whose KV waits for its decode worker; `freed` is set once its blocks are free."""
 
+    kv_start: int = 0  # the first prompt token to send (the decode worker holds those before it)
     since: float = field(default_factory=time.monotonic)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -63,8 +64,8 @@ class KVSender:
         self.channels[channel_id] = channel
         return channel
 
-    def hold(self, request_id: str) -> Held:
-        held = self.held[request_id] = Held()
+    def hold(self, request_id: str, kv_start: int = 0) -> Held:
+        held = self.held[request_id] = Held(kv_start)
         return held
 
     def release(self, request_id: str) -> int:
@@ -79,10 +80,11 @@ class KVSender:
         channel = self.channels.get(channel_id)
         if channel is None:
             raise NotFoundError(f"no KV channel {channel_id!r} on this prefill worker")
-        if request_id not in self.held:
+        held = self.held.get(request_id)
+        if held is None:
             raise NotFoundError(f"request {request_id!r} holds no KV here (released or expired)")
         try:
-            kv = self.engine.export_kv(request_id)  # [layers, 2, tokens, kv heads, head_dim], a copy
+            kv = self.engine.export_kv(request_id, held.kv_start)  # [layers, 2, tokens, kv heads, head_dim], a copy
             wire = _faulty(kv)
             if delay := faults.delay_s():
                 await asyncio.sleep(delay)

@@ -11,7 +11,7 @@ import time
 from pdmesh import faults, metrics
 from pdmesh.engine.engine_protocol import Engine
 from pdmesh.engine.sequence import EngineRequest
-from pdmesh.errors import UnavailableError
+from pdmesh.errors import InvalidRequestError, UnavailableError
 from pdmesh.gen.pdmesh.v1 import prefill_pb2, prefill_pb2_grpc, worker_pb2
 from pdmesh.kvtransfer.layout_check import check_layouts, transport_for
 from pdmesh.prefill.kv_sender import KVSender
@@ -40,6 +40,9 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             raise UnavailableError(f"prefill worker {self.state.worker_id} is draining")
         layout = self.engine.layout
         check_layouts(sender=layout, receiver=layout_from_pb(request.layout))
+        if not 0 <= request.kv_start < len(request.prompt_token_ids):
+            raise InvalidRequestError(f"kv_start is {request.kv_start:,}; the prompt has "
+                                      f"{len(request.prompt_token_ids):,} tokens", "kv_start")
         self.state.requests_total += 1
         request_id = request.request_id
         phase = "prefill"
@@ -51,11 +54,11 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             result = prefill_pb2.PrefillResult(first_token=output.token_ids[0], finish_reason=finish_reason,
                                                num_tokens=len(request.prompt_token_ids), layout=layout_to_pb(layout),
                                                prefill_seconds=seconds, worker_id=self.state.worker_id,
-                                               kv_transfer_params=handle)
+                                               kv_start=request.kv_start, kv_transfer_params=handle)
             if finish_reason or handle:
                 yield result
                 return
-            held = self.sender.hold(request_id)
+            held = self.sender.hold(request_id, request.kv_start)
             phase = "held"
             yield result
             await held.freed.wait()  # PullKV, ReleaseKV or the TTL

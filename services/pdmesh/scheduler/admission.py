@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdmesh.errors import DeadlineError, PdmeshError, ResourceExhaustedError
+from pdmesh.scheduler.prefix_affinity import PromptBlocks
 from pdmesh.scheduler.tenants import Tenant
 
 
@@ -53,6 +54,7 @@ class Ticket:
     arrival: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_seq))
     outcome: asyncio.Future | None = None
+    prompt: PromptBlocks | None = None  # for cache-aware routing
 
 
 class DrainRate:

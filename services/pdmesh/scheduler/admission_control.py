@@ -7,6 +7,7 @@ from pdmesh import metrics
 from pdmesh.errors import DeadlineError, PdmeshError, PermissionDeniedError, UnauthenticatedError
 from pdmesh.scheduler.admission import Ticket
 from pdmesh.scheduler.dispatcher import Dispatcher
+from pdmesh.scheduler.prefix_affinity import PromptBlocks
 from pdmesh.scheduler.request_spec import GenerationSpec
 from pdmesh.scheduler.router import Assignment
 from pdmesh.scheduler.tenants import Tenant, TenantDirectory
@@ -41,7 +42,8 @@ class AdmissionControl:
         except PdmeshError as exc:
             self._rejected(_reason(exc), tokens)
             raise
-        ticket = Ticket(tenant, spec.priority, tokens, num_prompt_tokens=len(spec.prompt_ids))
+        ticket = Ticket(tenant, spec.priority, tokens, num_prompt_tokens=len(spec.prompt_ids),
+                        prompt=PromptBlocks(spec.prompt_ids))
         try:
             assignment = await self.dispatcher.submit(ticket, timeout_s)
         except BaseException as exc:

@@ -70,8 +70,9 @@ class Dispatcher:
         """Admit queued requests in order while the one at the head fits a decode worker."""
         while (ticket := self.queue.peek()) is not None:
             try:
-                decode = self.router.pick_decode(ticket.tokens)
-                prefill = self.router.pick_prefill_for(ticket.num_prompt_tokens, self.local_prefill_threshold, decode)
+                decode = self.router.pick_decode(ticket.tokens, prompt=ticket.prompt)
+                prefill = self.router.pick_prefill_for(ticket.num_prompt_tokens, self.local_prefill_threshold,
+                                                       decode, ticket.prompt)
             except ResourceExhaustedError:
                 return  # the head waits for KV blocks; strict order means everyone behind it waits too
             except UnavailableError as exc:
@@ -85,7 +86,8 @@ class Dispatcher:
                 fail(ticket, exc)
                 continue
             self.queue.admit(ticket)
-            ticket.outcome.set_result(Assignment(decode, prefill, ticket.num_prompt_tokens, ticket.tokens))
+            ticket.outcome.set_result(self.router.assign(decode, prefill, ticket.num_prompt_tokens, ticket.tokens,
+                                                         ticket.prompt))
         self._publish_depth()
 
     def _publish_depth(self) -> None:

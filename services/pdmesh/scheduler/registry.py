@@ -30,6 +30,10 @@ class WorkerLoad:
     state: str = "serving"
     requests_total: int = 0
     gpu_memory_used_bytes: int = 0
+    kv_blocks_cached: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    cached_block_hashes: frozenset[int] = frozenset()  # its most recently used cached blocks
 
 
 @dataclass(slots=True)

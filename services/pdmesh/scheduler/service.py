@@ -60,6 +60,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 tp_size=w.tp_size, last_heartbeat_age_s=w.age(now), state=state,
                 metrics_address=w.metrics_address, requests_total=w.load.requests_total, restarts=w.restarts,
                 device=w.device, gpu_memory_used_bytes=w.load.gpu_memory_used_bytes,
+                kv_blocks_cached=w.load.kv_blocks_cached,
+                prefix_cache_queried_tokens=w.load.prefix_cache_queried_tokens,
+                prefix_cache_hit_tokens=w.load.prefix_cache_hit_tokens,
                 ranks=[scheduler_pb2.WorkerRank(rank=r, pid=pid, kv_head_ids=list(heads))
                        for r, pid, heads in w.ranks]))
         return scheduler_pb2.ClusterStatus(workers=workers, running=self.front_door.num_running,
@@ -120,7 +123,11 @@ def load_from_pb(pb) -> WorkerLoad:
     return WorkerLoad(running=pb.running, queued=pb.queued, queued_prompt_tokens=pb.queued_prompt_tokens,
                       kv_blocks_free=pb.kv_blocks_free, kv_blocks_total=pb.kv_blocks_total,
                       block_size=pb.block_size or 16, state=pb.state or "serving",
-                      requests_total=pb.requests_total, gpu_memory_used_bytes=pb.gpu_memory_used_bytes)
+                      requests_total=pb.requests_total, gpu_memory_used_bytes=pb.gpu_memory_used_bytes,
+                      kv_blocks_cached=pb.kv_blocks_cached,
+                      prefix_cache_queried_tokens=pb.prefix_cache_queried_tokens,
+                      prefix_cache_hit_tokens=pb.prefix_cache_hit_tokens,
+                      cached_block_hashes=frozenset(pb.cached_block_hashes))
 
 
 def route_to_pb(route: Route) -> scheduler_pb2.Route:

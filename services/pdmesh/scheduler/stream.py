@@ -28,6 +28,7 @@ from pdmesh.errors import (DeadlineError, InvalidRequestError, PdmeshError, Reso
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from pdmesh.rpc.channels import internal_channel
 from pdmesh.rpc.cluster_auth import ClusterCredentials
+from pdmesh.scheduler.prefix_affinity import PromptBlocks
 from pdmesh.scheduler.registry import WorkerRegistry
 from pdmesh.scheduler.request_spec import GenerationSpec, ModelInfo
 from pdmesh.scheduler.router import Assignment, Router
@@ -195,9 +196,10 @@ class MeshStream:
         give_up = time.monotonic() + REASSIGN_WAIT_S
         while True:
             try:
-                decode = self.router.pick_decode(spec.num_tokens, exclude=frozenset(progress.failed_decode))
-                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold, decode)
-                return Assignment(decode, prefill, prompt_len, spec.num_tokens)
+                prompt = PromptBlocks(list(spec.prompt_ids) + list(progress.generated))
+                decode = self.router.pick_decode(spec.num_tokens, frozenset(progress.failed_decode), prompt)
+                prefill = self.router.pick_prefill_for(prompt_len, self.local_prefill_threshold, decode, prompt)
+                return self.router.assign(decode, prefill, prompt_len, spec.num_tokens, prompt)
             except (ResourceExhaustedError, UnavailableError) as exc:
                 now = time.monotonic()
                 if now > give_up or (deadline is not None and now > deadline):

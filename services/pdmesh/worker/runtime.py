@@ -16,7 +16,7 @@ from pdmesh.engine.checkpoint import load_checkpoint, load_model_metadata
 from pdmesh.engine import kv_budget
 from pdmesh.engine.device import resolve_device, resolve_dtype
 from pdmesh.engine.echo_model import EchoModel, echo_config
-from pdmesh.engine.engine_protocol import Engine
+from pdmesh.engine.engine_protocol import Engine, EngineLoad
 from pdmesh.engine.llm_engine import LLMEngine
 from pdmesh.engine.vllm_model_folder import ensure_vllm_folder
 from pdmesh.gen.pdmesh.v1 import registry_pb2, worker_pb2
@@ -82,7 +82,8 @@ def start_vllm_engine(config: WorkerConfig) -> Engine:
         max_num_batched_tokens=config.engine.max_num_batched_tokens, cpus=config.cpu.cpus,
         dtype=resolve_dtype(config.engine.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         side_channel_host=config.listen.advertised_host(), side_channel_port=config.kv_side_channel_port,
-        kv_lease_s=max(1, round(config.held_kv_ttl_s)), eos_token_ids=model.eos_token_ids)
+        kv_lease_s=max(1, round(config.held_kv_ttl_s)), eos_token_ids=model.eos_token_ids,
+        prefix_cache=config.engine.prefix_cache)
     return VllmEngine(settings, model)
 
 
@@ -108,6 +109,7 @@ class WorkerState:
         self.drain_requested = asyncio.Event()
         self.metrics_address = ""
         self._busy_reported = 0.0
+        self._prefix_counted = (0, 0)  # prefix cache (queried, hit) tokens already in the counters
 
     def request_drain(self) -> int:
         """Take no new work from now on; the worker exits once what runs is done. Returns running."""
@@ -123,12 +125,24 @@ class WorkerState:
         metrics.KV_BLOCKS_TOTAL.set(load.total_blocks)
         metrics.ENGINE_BUSY.inc(max(0.0, load.busy_seconds - self._busy_reported))
         self._busy_reported = max(self._busy_reported, load.busy_seconds)
+        metrics.KV_BLOCKS_CACHED.set(load.cached_blocks)
+        self._count_prefix_cache(load)
         return worker_pb2.WorkerLoad(running=load.running, queued=load.waiting,
                                      queued_prompt_tokens=self.queued_prompt_tokens, kv_blocks_free=load.free_blocks,
                                      kv_blocks_total=load.total_blocks, block_size=load.block_size,
                                      state="draining" if self.draining else "serving",
                                      requests_total=self.requests_total,
-                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes)
+                                     gpu_memory_used_bytes=load.gpu_memory_used_bytes,
+                                     kv_blocks_cached=load.cached_blocks,
+                                     prefix_cache_queried_tokens=load.prefix_queried_tokens,
+                                     prefix_cache_hit_tokens=load.prefix_hit_tokens,
+                                     cached_block_hashes=load.cached_block_hashes)
+
+    def _count_prefix_cache(self, load: EngineLoad) -> None:
+        """Move the Prometheus counters by what the engine counted since the last report."""
+        metrics.PREFIX_CACHE_QUERIES.inc(load.prefix_queried_tokens - self._prefix_counted[0])
+        metrics.PREFIX_CACHE_HITS.inc(load.prefix_hit_tokens - self._prefix_counted[1])
+        self._prefix_counted = (load.prefix_queried_tokens, load.prefix_hit_tokens)
 
     def tp_ranks(self) -> list[worker_pb2.TPRank]:
         pids = [os.getpid(), *self.engine.follower_pids]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.gen.pdmesh.v1 import worker_pb2 as pdmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\xa4\x01\n\x14OpenKVChannelRequest\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\x05\x12\x12\n\nchannel_id\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\"M\n\x15OpenKVChannelResponse\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\"\xa7\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x15\n\routput_offset\x18\x05 \x01(\x03\"\xbc\x01\n\rPrefillResult\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x1a\n\x12kv_transfer_params\x18\x07 \x01(\t\"D\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\x03\"W\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x15\n\rchecksum_kind\x18\x04 \x01(\t\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xe6\x02\n\rPrefillWorker\x12R\n\rOpenKVChannel\x12\x1f.pdmesh.v1.OpenKVChannelRequest\x1a .pdmesh.v1.OpenKVChannelResponse\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x18.pdmesh.v1.PrefillResult0\x01\x12;\n\x06PullKV\x12\x18.pdmesh.v1.PullKVRequest\x1a\x17.pdmesh.v1.TransferDone\x12\x46\n\tReleaseKV\x12\x1b.pdmesh.v1.ReleaseKVRequest\x1a\x1c.pdmesh.v1.ReleaseKVResponse\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/worker.proto\"\xa4\x01\n\x14OpenKVChannelRequest\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\x05\x12\x12\n\nchannel_id\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\"M\n\x15OpenKVChannelResponse\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\"\xb9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x15\n\routput_offset\x18\x05 \x01(\x03\x12\x10\n\x08kv_start\x18\x06 \x01(\x03\"\xce\x01\n\rPrefillResult\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x03\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x1a\n\x12kv_transfer_params\x18\x07 \x01(\t\x12\x10\n\x08kv_start\x18\x08 \x01(\x03\"D\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\x03\"W\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x15\n\rchecksum_kind\x18\x04 \x01(\t\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xe6\x02\n\rPrefillWorker\x12R\n\rOpenKVChannel\x12\x1f.pdmesh.v1.OpenKVChannelRequest\x1a .pdmesh.v1.OpenKVChannelResponse\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x18.pdmesh.v1.PrefillResult0\x01\x12;\n\x06PullKV\x12\x18.pdmesh.v1.PullKVRequest\x1a\x17.pdmesh.v1.TransferDone\x12\x46\n\tReleaseKV\x12\x1b.pdmesh.v1.ReleaseKVRequest\x1a\x1c.pdmesh.v1.ReleaseKVResponse\x12:\n\x05\x44rain\x12\x17.pdmesh.v1.DrainRequest\x1a\x18.pdmesh.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENKVCHANNELRESPONSE']._serialized_start=229
   _globals['_OPENKVCHANNELRESPONSE']._serialized_end=306
   _globals['_PREFILLREQUEST']._serialized_start=309
-  _globals['_PREFILLREQUEST']._serialized_end=476
-  _globals['_PREFILLRESULT']._serialized_start=479
-  _globals['_PREFILLRESULT']._serialized_end=667
-  _globals['_PULLKVREQUEST']._serialized_start=669
-  _globals['_PULLKVREQUEST']._serialized_end=737
-  _globals['_TRANSFERDONE']._serialized_start=739
-  _globals['_TRANSFERDONE']._serialized_end=826
-  _globals['_RELEASEKVREQUEST']._serialized_start=828
-  _globals['_RELEASEKVREQUEST']._serialized_end=866
-  _globals['_RELEASEKVRESPONSE']._serialized_start=868
-  _globals['_RELEASEKVRESPONSE']._serialized_end=905
-  _globals['_PREFILLWORKER']._serialized_start=908
-  _globals['_PREFILLWORKER']._serialized_end=1266
+  _globals['_PREFILLREQUEST']._serialized_end=494
+  _globals['_PREFILLRESULT']._serialized_start=497
+  _globals['_PREFILLRESULT']._serialized_end=703
+  _globals['_PULLKVREQUEST']._serialized_start=705
+  _globals['_PULLKVREQUEST']._serialized_end=773
+  _globals['_TRANSFERDONE']._serialized_start=775
+  _globals['_TRANSFERDONE']._serialized_end=862
+  _globals['_RELEASEKVREQUEST']._serialized_start=864
+  _globals['_RELEASEKVREQUEST']._serialized_end=902
+  _globals['_RELEASEKVRESPONSE']._serialized_start=904
+  _globals['_RELEASEKVRESPONSE']._serialized_end=941
+  _globals['_PREFILLWORKER']._serialized_start=944
+  _globals['_PREFILLWORKER']._serialized_end=1302
 # @@protoc_insertion_point(module_scope)

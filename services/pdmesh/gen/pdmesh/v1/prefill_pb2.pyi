@@ -32,21 +32,23 @@ class OpenKVChannelResponse(_message.Message):
     def __init__(self, layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "layout", "output_offset")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "layout", "output_offset", "kv_start")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KV_START_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _worker_pb2.SamplingParams
     layout: _worker_pb2.KVLayout
     output_offset: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., output_offset: _Optional[int] = ...) -> None: ...
+    kv_start: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., output_offset: _Optional[int] = ..., kv_start: _Optional[int] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token", "finish_reason", "num_tokens", "layout", "prefill_seconds", "worker_id", "kv_transfer_params")
+    __slots__ = ("first_token", "finish_reason", "num_tokens", "layout", "prefill_seconds", "worker_id", "kv_transfer_params", "kv_start")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +56,7 @@ class PrefillResult(_message.Message):
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    KV_START_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     finish_reason: str
     num_tokens: int
@@ -61,7 +64,8 @@ class PrefillResult(_message.Message):
     prefill_seconds: float
     worker_id: str
     kv_transfer_params: str
-    def __init__(self, first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., worker_id: _Optional[str] = ..., kv_transfer_params: _Optional[str] = ...) -> None: ...
+    kv_start: int
+    def __init__(self, first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[_worker_pb2.KVLayout, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., worker_id: _Optional[str] = ..., kv_transfer_params: _Optional[str] = ..., kv_start: _Optional[int] = ...) -> None: ...
 
 class PullKVRequest(_message.Message):
     __slots__ = ("request_id", "channel_id", "tag")

@@ -125,7 +125,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total", "ranks", "restarts", "device", "gpu_memory_used_bytes")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running", "queued", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "tp_size", "last_heartbeat_age_s", "state", "metrics_address", "requests_total", "ranks", "restarts", "device", "gpu_memory_used_bytes", "kv_blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,9 @@ class WorkerStatus(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -162,7 +165,10 @@ class WorkerStatus(_message.Message):
     restarts: int
     device: str
     gpu_memory_used_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[WorkerRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., gpu_memory_used_bytes: _Optional[int] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ..., requests_total: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[WorkerRank, _Mapping]]] = ..., restarts: _Optional[int] = ..., device: _Optional[str] = ..., gpu_memory_used_bytes: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerRank(_message.Message):
     __slots__ = ("rank", "pid", "kv_head_ids")

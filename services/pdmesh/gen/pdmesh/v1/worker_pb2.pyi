@@ -55,7 +55,7 @@ class TPRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., kv_head_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "queued", "queued_prompt_tokens", "kv_blocks_free", "kv_blocks_total", "block_size", "state", "requests_total", "gpu_memory_used_bytes")
+    __slots__ = ("running", "queued", "queued_prompt_tokens", "kv_blocks_free", "kv_blocks_total", "block_size", "state", "requests_total", "gpu_memory_used_bytes", "kv_blocks_cached", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "cached_block_hashes")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,10 @@ class WorkerLoad(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     queued_prompt_tokens: int
@@ -74,7 +78,11 @@ class WorkerLoad(_message.Message):
     state: str
     requests_total: int
     gpu_memory_used_bytes: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., requests_total: _Optional[int] = ..., gpu_memory_used_bytes: _Optional[int] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    cached_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., state: _Optional[str] = ..., requests_total: _Optional[int] = ..., gpu_memory_used_bytes: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
