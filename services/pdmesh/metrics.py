@@ -68,6 +68,17 @@ ABANDONED = Counter("pdmesh_abandoned_requests_total",
                     "Requests a service stopped working on before they finished, their KV freed at once, by "
                     "phase (queued, prefill, held, transfer, decode) and cause (cancel, deadline)",
                     ["phase", "cause"])
+# A caller's deadline reaches a worker as the time left when the call was made, so the worker's
+# clock for it runs late by the call's transit; the caller's cancel at its deadline then arrives
+# with a little time apparently left. Within this slack it is the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
+def abandon_cause(remaining_s: float | None) -> str:
+    """ABANDONED's cause for a call that ended with `remaining_s` of its deadline left (None: none)."""
+    return "deadline" if remaining_s is not None and remaining_s <= DEADLINE_SLACK_S else "cancel"
+
+
 HANDOFF_HANDLES = Counter("pdmesh_kv_handoff_handles_total",
                           "Hand-offs through the engine's own KV connector (vLLM NIXL): transfer handles a decode "
                           "worker gave its engine")

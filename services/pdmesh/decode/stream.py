@@ -92,7 +92,7 @@ class DecodeStream:
             async for chunk in self._decode(request, info, progress):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
-            cause = "deadline" if deadline is not None and time.monotonic() >= deadline else "cancel"
+            cause = metrics.abandon_cause(None if deadline is None else deadline - time.monotonic())
             metrics.ABANDONED.labels(phase=progress.phase, cause=cause).inc()
             log.debug("request %s: %s while in %s; its blocks are freed", request_id, cause, progress.phase)
             raise

@@ -66,7 +66,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             # The caller cancelled, ran out of time or vanished: free the prompt's blocks now.
             freed = self.sender.release(request_id)  # also a prompt the engine finished as we were cancelled
             if phase == "prefill" or freed:
-                cause = "deadline" if (context.time_remaining() or 1) <= 0 else "cancel"
+                cause = metrics.abandon_cause(context.time_remaining())
                 metrics.ABANDONED.labels(phase=phase, cause=cause).inc()
                 log.debug("request %s: caller gone while %s (%s); its KV is freed", request_id, phase, cause)
             raise
@@ -97,7 +97,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         try:
             sent = await self.sender.send(request.request_id, request.channel_id, request.tag)
         except asyncio.CancelledError:
-            cause = "deadline" if (context.time_remaining() or 1) <= 0 else "cancel"
+            cause = metrics.abandon_cause(context.time_remaining())
             metrics.ABANDONED.labels(phase="transfer", cause=cause).inc()
             raise
         return prefill_pb2.TransferDone(bytes=sent.nbytes, seconds=sent.seconds, checksum=sent.checksum,
