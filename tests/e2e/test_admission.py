@@ -34,11 +34,26 @@ async def run(mesh, key="k-free", tokens=22, priority=0, timeout_s=30.0, log=Non
 async def occupy_kv(mesh, count=4):
     """Start `count` long requests (16 blocks each: the whole decode KV) and wait until they run."""
     tasks = [asyncio.create_task(run(mesh, tokens=246)) for _ in range(count)]
-    for _ in range(200):
-        await asyncio.sleep(0.05)
-        if sum(w.running for w in mesh.workers("decode")) >= count:
-            break
+    await wait_status(mesh, lambda s: sum(w.running for w in s.workers if w.role == "decode") >= count,
+                      f"{count} long requests running")
     return tasks
+
+
+async def wait_status(mesh, predicate, what: str, timeout_s: float = 30.0):
+    """Poll the scheduler's cluster status (off the event loop) until predicate(status) holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with mesh.client(api_key=mesh.admin_key) as c:
+            status = await asyncio.to_thread(c.cluster_status)
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, f"{what} not seen in {timeout_s}s: {status}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_queued(mesh, count: int):
+    """Wait until the scheduler's admission queue holds `count` requests."""
+    await wait_status(mesh, lambda s: s.queued >= count, f"{count} queued requests")
 
 
 def wait_idle(mesh):
@@ -73,11 +88,11 @@ def test_priority_orders_the_queue_and_displaces_when_full(echo_mesh):
         long = await occupy_kv(echo_mesh)
         order = []
         lows = [asyncio.create_task(run(echo_mesh, tokens=5, log=order, name=f"low{i}")) for i in range(2)]
-        await asyncio.sleep(0.2)
+        await wait_queued(echo_mesh, 2)
         high = asyncio.create_task(run(echo_mesh, tokens=5, priority=5, log=order, name="high"))
-        await asyncio.sleep(0.2)
-        fillers = [asyncio.create_task(run(echo_mesh, tokens=5)) for _ in range(5)]  # queue now holds 8
-        await asyncio.sleep(0.3)
+        await wait_queued(echo_mesh, 3)
+        fillers = [asyncio.create_task(run(echo_mesh, tokens=5)) for _ in range(5)]
+        await wait_queued(echo_mesh, 8)  # the queue is full
         urgent = await asyncio.wait_for(asyncio.shield(asyncio.create_task(
             run(echo_mesh, tokens=5, priority=9))), 30)
         results = await asyncio.gather(*long, *lows, high, *fillers)
@@ -97,7 +112,7 @@ def test_tenants_share_the_queue_fairly(echo_mesh):
         order = []
         flood = [asyncio.create_task(run(echo_mesh, "k-flood", tokens=246, log=order, name="flood"))
                  for _ in range(6)]
-        await asyncio.sleep(0.3)
+        await wait_queued(echo_mesh, 6)
         small = [asyncio.create_task(run(echo_mesh, "k-small", tokens=246, log=order, name="small"))
                  for _ in range(2)]
         results = await asyncio.gather(*long, *flood, *small)
@@ -138,7 +153,7 @@ def test_early_rejection_when_the_predicted_start_is_past_the_deadline(echo_mesh
     async def scenario():
         long = await occupy_kv(echo_mesh)
         behind = [asyncio.create_task(run(echo_mesh, tokens=246)) for _ in range(4)]
-        await asyncio.sleep(0.3)
+        await wait_queued(echo_mesh, 4)
         started = time.monotonic()
         hopeless = await run(echo_mesh, tokens=5, timeout_s=2.0)
         elapsed = time.monotonic() - started
