@@ -153,11 +153,20 @@ class AsyncEngine:
                 continue
             finally:
                 self.busy_seconds += time.perf_counter() - start
-            for output in outputs:
-                self._deliver(output)
+            self._deliver(outputs)
 
-    def _deliver(self, output: EngineOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is not None:
-            loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, output)
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                loop, queue = stream
+                by_loop.setdefault(loop, []).append((queue, output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)
