@@ -3,7 +3,7 @@
     python tools/bench_mesh.py [--quick] [--skip-vllm] [--parts 1,2,3,4,5] [--placement-settings 10:2,19:1]
 
 Full run about 8 min (measured on the loaded 2-core box; vLLM compiles ~75 s of it); --quick 2-6 min.
-1 throughput: 1 and 16 greedy streams of 64 tokens: mesh vs the engine in a child (LLMEngine on the
+1 throughput: 1, 16 and 64 greedy streams of 64 tokens: mesh vs the engine in a child (LLMEngine on the
   main thread, and AsyncEngine on its own thread as in a worker) vs vLLM. 2 inter-token gaps of 4
   running streams while 1-2k-token prompts arrive, mesh vs vLLM. 3 scheduler overhead: TTFT via the
   scheduler vs the decode worker called directly. 4 KV hand-off of a 1,000-token prompt. 5 prefill
@@ -38,6 +38,7 @@ import grpc  # noqa: E402
 
 from bench_common import (emit_result, load_prompts, log, make_prompts, run_child, save_prompts)  # noqa: E402
 from pdmesh.client import AsyncPdmeshClient, PdmeshClient  # noqa: E402
+from pdmesh.config import CpuPlacement  # noqa: E402
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, worker_pb2  # noqa: E402
 from support.mesh import Mesh, free_port  # noqa: E402
 from bench_mesh_report import ms, print_tables  # noqa: E402
@@ -47,6 +48,7 @@ VOCAB, FIRST_PLAIN_ID = 49152, 20  # SmolLM2: ids below 20 are special tokens
 MESH_FLAGS = ("--prefill-workers", "1", "--decode-workers", "1", "--max-model-len", "4096",
               "--local-prefill-threshold", "0")
 now = time.perf_counter
+STREAMS = (1, 16, 64)  # part 1's widths
 _request_ids = itertools.count()
 
 
@@ -122,9 +124,11 @@ async def throughput(streamer, prompts: list[list[int]], max_tokens: int, reps: 
     return max(rates)
 
 
-async def throughput_table(streamer, prompts, reps) -> dict[int, float]:
+async def throughput_table(streamer, prompts, reps, widths=STREAMS) -> dict[int, float]:
+    """tok/s at each width; 64 streams use the 16 prompts four times each (the prefix cache, on in
+    the mesh and in the engine alike, then prefills a repeat's full blocks once)."""
     await throughput(streamer, prompts, 64, 1)  # warm-up
-    return {n: await throughput(streamer, prompts[:n], 64, reps) for n in (1, 16)}
+    return {n: await throughput(streamer, (prompts * -(-n // len(prompts)))[:n], 64, reps) for n in widths}
 
 
 def engine_child(prompts_file: str, reps: int) -> None:
@@ -150,7 +154,8 @@ def engine_throughput(prompts, reps, workdir: Path, in_thread: bool) -> dict[int
     cmd = ([__file__, "--engine-child", str(file), "--reps", str(reps)] if in_thread else
            [str(TOOLS / "bench_engine.py"), "--only", "pdmesh", "--prompts-file", str(file), "--new-tokens", "64",
             "--repeats", str(reps)])
-    result = run_child([sys.executable, *cmd], timeout=900, label="engine")
+    # OpenMP waits as in a worker (--omp-wait-policy's default), so the two differ only in the mesh.
+    result = run_child([sys.executable, *cmd], env=CpuPlacement().openmp_env(), timeout=900, label="engine")
     if "error" in result:
         raise RuntimeError(result["error"])
     return {int(k): v for k, v in result.items() if k.isdigit()} if in_thread else {1: result["tok_s_1"],

@@ -17,11 +17,13 @@ def print_tables(R: dict, long_tokens: int) -> None:
     p1, p2, p3, p4, p5 = R["p1"], R["p2"], R.get("p3"), R.get("p4"), R["p5"]
     if p1:
         get = lambda k, n: (p1.get(k) or {}).get(n)  # noqa: E731
-        _show("Part 1: throughput, tok/s, 64 greedy tokens per stream, best of rounds (goals: mesh/engine >= 0.9; "
-              "mesh/vLLM >= 1.0 at 16). engine: LLMEngine on the main thread; thread: AsyncEngine, as in a worker",
+        _show("Part 1: throughput, tok/s, 64 greedy tokens per stream, best of rounds (goals: mesh/engine >= 0.9 "
+              "at 16 and 64; mesh/vLLM >= 1.0 at 1 and 16). engine: LLMEngine on the main thread; "
+              "thread: AsyncEngine, as in a worker",
               ["streams", "mesh", "engine", "thread", "vLLM", "mesh/engine", "mesh/thread", "mesh/vLLM"],
               [[n] + [get(k, n) for k in ("mesh", "engine", "thread", "vllm")]
-               + [ratio(get("mesh", n), get(k, n)) for k in ("engine", "thread", "vllm")] for n in (1, 16)])
+               + [ratio(get("mesh", n), get(k, n)) for k in ("engine", "thread", "vllm")]
+               for n in sorted({n for v in p1.values() if v for n in v})])
     if p2:
         _show(f"Part 2: inter-token gaps of 4 running streams, ms; prompts of 1-2k tokens (max_tokens "
               f"{long_tokens}) arriving", ITL_HEADERS, [_itl_row(k, v) for k, v in p2.items() if v])

@@ -41,7 +41,7 @@ NAMES = {"a": "(a) vLLM server, colocated", "b": "(b) pdmesh --engine vllm", "c"
 def scenario(c: Counts, prompts: list[list[int]]):
     """fn(streamer) for both measurements, run on one backend."""
     async def run(streamer) -> dict:
-        rates = await throughput_table(streamer, prompts, c.reps)
+        rates = await throughput_table(streamer, prompts, c.reps, widths=(1, 16))
         itl = await itl_scenario(streamer, prompts[:4], long_prompts(c.n_long, lo=LONG_PROMPT_TOKENS,
                                                                       hi=LONG_PROMPT_TOKENS),
                                  c, c.undisturbed_s, LONG_TOKENS)

@@ -52,20 +52,23 @@ def build_engine():
     return LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, max_num_seqs=256))
 
 
-def start_batch(engine, batch: int, context: int, tag: str) -> None:
+def start_batch(engine, batch: int, context: int, tag: str, steps: int) -> None:
     """`batch` sequences with `context`-token prompts, prefilled, so each further step decodes them all."""
     from pdmesh.engine.sampling_params import SamplingParams
     from pdmesh.engine.sequence import EngineRequest
-    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    params = SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True)  # warm-up, timed and profiled steps
     for i in range(batch):
         prompt = [(1000 + 7 * i + j) % 40_000 + 20 for j in range(context)]
         engine.add_request(EngineRequest(f"{tag}-{i}", prompt, params))
-    while len(engine.scheduler.running) < batch:
+    for _ in range(batch + 10):  # prefill steps; a batch the KV cache cannot hold never fills
+        if len(engine.scheduler.running) == batch:
+            return
         engine.step()
+    raise RuntimeError(f"{batch} sequences of {context} tokens did not all start (KV cache too small?)")
 
 
 def profile_batch(engine, batch: int, steps: int, context: int) -> dict:
-    start_batch(engine, batch, context, f"b{batch}")
+    start_batch(engine, batch, context, f"b{batch}", steps)
     for _ in range(3):  # warm-up: allocator, oneDNN primitives
         engine.step()
     wall = time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pdmesh import config_loader
-from pdmesh.config import SchedulerConfig, WorkerConfig
+from pdmesh.config import CpuPlacement, SchedulerConfig, WorkerConfig
 
 PR_SET_PDEATHSIG = 1
 KINDS = {"scheduler": SchedulerConfig, "worker": WorkerConfig}
@@ -47,6 +47,8 @@ def spawn(kind: str, config: Any, log_level: str = "INFO", **popen: Any) -> subp
 
 def run_service(config: SchedulerConfig | WorkerConfig) -> None:
     """Run one service in this process until SIGTERM (used by the CLI and by `main`)."""
+    if isinstance(config, WorkerConfig):
+        set_openmp_env(config.cpu)
     if isinstance(config, SchedulerConfig):
         from pdmesh.rpc.server import run
         from pdmesh.scheduler.main import run_scheduler
@@ -54,6 +56,14 @@ def run_service(config: SchedulerConfig | WorkerConfig) -> None:
     else:
         from pdmesh.worker.main import run_worker
         run_worker(config)
+
+
+def set_openmp_env(cpu: CpuPlacement) -> None:
+    """Set the engine's OpenMP environment; it must happen before torch loads in this process."""
+    if "torch" in sys.modules:
+        logging.getLogger(__name__).warning("torch is loaded already: --omp-wait-policy %s has no effect here",
+                                            cpu.omp_wait_policy)
+    os.environ.update(cpu.openmp_env())
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -71,8 +81,10 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     text = json.dumps(spec["config"])
     if kind == "tp-follower":
+        follower = config_loader.from_json(TPFollowerSpec, text)
+        set_openmp_env(follower.worker.cpu)
         from pdmesh.worker.tp_follower import follow_group
-        return follow_group(config_loader.from_json(TPFollowerSpec, text))
+        return follow_group(follower)
     run_service(config_loader.from_json(KINDS[kind], text))
     return 0
 

@@ -94,6 +94,12 @@ class Security:
                 "(pdmesh serve makes a secret for its own children)", "cluster_secret_file")
 
 
+# OpenMP threads that spin between ops hold both cores of a small machine while the scheduler,
+# the prefill worker and gRPC wait for them: the mesh decoded 1.4x faster with passive waits
+# (tools/profile_mesh.py, README "Where a token's CPU goes").
+OMP_WAIT_POLICIES = ("passive", "active")
+
+
 @dataclass(frozen=True, slots=True)
 class CpuPlacement:
     """Threads for the engine's math, the CPUs it computes on, and the OS scheduling priority (nice)."""
@@ -102,13 +108,23 @@ class CpuPlacement:
     nice: int = field(default=0, metadata=option("OS scheduling priority increment"))
     cpus: str = field(default="", metadata=option(
         "CPU ids the engine computes on, e.g. 0-1 or 1 (empty: every core); vLLM pins its OpenMP threads there"))
+    omp_wait_policy: str = field(default="passive", metadata=option(
+        "how the engine's OpenMP threads wait between ops: passive (sleep, leaving the cores to the mesh's "
+        "other processes) or active (spin)", choices=OMP_WAIT_POLICIES))
 
     def __post_init__(self):
         self.cpu_ids()  # refuses a malformed list now, not in the worker
+        if self.omp_wait_policy not in OMP_WAIT_POLICIES:
+            raise InvalidRequestError(f"omp-wait-policy must be one of {', '.join(OMP_WAIT_POLICIES)}, "
+                                      f"got {self.omp_wait_policy!r}", "omp_wait_policy")
         if self.threads < 0:
             raise InvalidRequestError(f"threads must be >= 0, got {self.threads}", "threads")
         if not -20 <= self.nice <= 19:
             raise InvalidRequestError(f"nice must be in [-20, 19], got {self.nice}", "nice")
+
+    def openmp_env(self) -> dict[str, str]:
+        """Environment for the engine's OpenMP runtime; it reads it once, when torch loads."""
+        return {"OMP_WAIT_POLICY": self.omp_wait_policy.upper()}
 
     def cpu_ids(self) -> tuple[int, ...]:
         """The CPU ids `cpus` names ("0-2,5" -> 0, 1, 2, 5); empty when it names none."""
