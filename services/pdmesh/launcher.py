@@ -10,7 +10,6 @@ Each child gets its config whole on stdin (`pdmesh.child`), with a cluster secre
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
@@ -60,17 +59,7 @@ def start_children(config: ServeConfig, supervisor: Supervisor, log_level: str) 
     for role in ("prefill", "decode"):
         for i in range(config.plan(role).workers):
             worker = config.worker_config(role, i)
-            supervisor.add(worker.worker_id, lambda n, w=worker: spawn(
-                "worker", replace(w, restarts=n), log_level, env=worker_environ(w.role)))
-
-
-def worker_environ(role: str) -> dict[str, str]:
-    """Prefill workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE):
-    on a shared machine their spinning took CPU from the decode steps running next to them."""
-    env = dict(os.environ)
-    if role == "prefill":
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
+            supervisor.add(worker.worker_id, lambda n, w=worker: spawn("worker", replace(w, restarts=n), log_level))
 
 
 def client_channel(config: ServeConfig) -> grpc.Channel:

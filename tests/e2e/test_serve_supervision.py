@@ -99,6 +99,14 @@ def check(mesh, results, durations, expected, event, victim, back_s, handled: di
     assert all(w.healthy for w in idle) and len(idle) == 3, [(w.worker_id, w.healthy, w.state) for w in idle]
 
 
+def test_workers_openmp_threads_sleep_between_ops(mesh):
+    """--omp-wait-policy's default reaches every worker before torch loads there (spinning OpenMP
+    threads took the cores from the mesh's other processes: tools/profile_mesh.py)."""
+    log = mesh.log_path.read_text()
+    assert log.count("OpenMP waits passive") == 3, log[-3000:]  # prefill-0 and both decode workers
+    assert "has no effect here" not in log
+
+
 def busy_decode_worker(mesh) -> str:
     return wait_until(lambda: next((w.worker_id for w in mesh.workers("decode") if w.running > 0), None), 60,
                       "a decode worker running streams")

@@ -29,11 +29,27 @@ def test_streams_tokens_as_they_come_and_equals_sync_engine(async_engine, make_e
         outputs = [o async for o in async_engine.generate(EngineRequest("a", [5, 6, 7], greedy(10)))]
         return outputs
     outputs = asyncio.run(main())
-    assert len(outputs) == 10 and all(len(o.token_ids) == 1 for o in outputs)
+    assert sum(len(o.token_ids) for o in outputs) == 10 and all(o.token_ids for o in outputs)
     assert outputs[-1].finish_reason == "length" and not any(o.finished for o in outputs[:-1])
     sync = make_engine()
     sync.add_request(EngineRequest("a", [5, 6, 7], greedy(10)))
     assert [t for o in outputs for t in o.token_ids] == run_to_end(sync)["a"]
+
+
+def test_a_slow_reader_gets_the_tokens_it_missed_in_one_output(async_engine, make_engine):
+    async def main():
+        outputs = []
+        async for output in async_engine.generate(EngineRequest("slow", [5, 6, 7], greedy(10))):
+            outputs.append(output)
+            if len(outputs) == 1:
+                await asyncio.sleep(1.0)  # the engine runs on; its tokens queue up meanwhile
+        return outputs
+    outputs = asyncio.run(main())
+    assert len(outputs) < 10 and max(len(o.token_ids) for o in outputs) > 1  # coalesced
+    assert outputs[0].queue_s is not None and outputs[-1].finish_reason == "length"
+    sync = make_engine()
+    sync.add_request(EngineRequest("slow", [5, 6, 7], greedy(10)))
+    assert [t for o in outputs for t in o.token_ids] == run_to_end(sync)["slow"]
 
 
 def test_concurrent_streams_and_cancel_frees_blocks_at_once(async_engine):

@@ -89,9 +89,9 @@ def start_vllm_engine(config: WorkerConfig) -> Engine:
 
 def _log_started(config: WorkerConfig, engine: Engine) -> Engine:
     load = engine.load()
-    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d", config.role,
-             engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,
-             torch.get_num_threads(), os.nice(0))
+    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d, OpenMP waits %s",
+             config.role, engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,
+             torch.get_num_threads(), os.nice(0), os.environ.get("OMP_WAIT_POLICY", "unset").lower())
     return engine
 
 
