@@ -95,7 +95,7 @@ class Security:
 
 
 # OpenMP threads that spin between ops hold both cores of a small machine while the scheduler,
-# the prefill worker and gRPC wait for them: the mesh decoded 1.4x faster with passive waits
+# the prefill worker and gRPC wait for them: the mesh decoded 16 streams 1.3-1.4x faster with passive waits
 # (tools/profile_mesh.py, README "Where a token's CPU goes").
 OMP_WAIT_POLICIES = ("passive", "active")
 
