@@ -96,7 +96,7 @@ class Security:
 
 # OpenMP threads that spin between ops hold both cores of a small machine while the scheduler,
 # the prefill worker and gRPC wait for them: the mesh decoded 16 streams 1.3-1.4x faster with passive waits
-# (tools/profile_mesh.py, README "Where a token's CPU goes").
+# (tools/profile_mesh.py, README "Where the time goes").
 OMP_WAIT_POLICIES = ("passive", "active")
 
 
