@@ -90,7 +90,8 @@ KV_RECLAIMED = Counter("pdmesh_kv_blocks_reclaimed_total",
 PREFILL_SECONDS = Histogram("pdmesh_prefill_seconds", "Time to prefill one prompt on a worker",
                             buckets=_LATENCY_BUCKETS)
 PREFILL_TOKENS = Counter("pdmesh_prefill_tokens_total",
-                         "Prompt tokens prefilled on a prefill worker (with pdmesh_prefill_seconds: its rate)")
+                         "Prompt tokens computed on a prefill worker, not those its prefix cache held "
+                         "(with pdmesh_prefill_seconds: its rate)")
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:

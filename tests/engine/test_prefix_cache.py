@@ -52,6 +52,20 @@ def test_shared_system_prompt_hits_and_matches_no_cache(make_engine):
     assert_idle_and_free(engine)
 
 
+def test_first_output_says_how_much_of_the_prompt_came_from_the_cache(make_engine):
+    engine = make_engine()
+    firsts = {}
+    for request_id, prompt in (("a", SYSTEM + [1, 2]), ("b", SYSTEM + [3, 4])):
+        engine.add_request(EngineRequest(request_id, prompt, greedy(3)))
+        outputs = []
+        while engine.has_work():
+            outputs += engine.step()
+        firsts[request_id] = outputs[0]
+        assert all(o.num_cached_tokens == 0 for o in outputs[1:])
+    assert firsts["a"].num_cached_tokens == 0 and firsts["b"].num_cached_tokens == len(SYSTEM)
+    assert_idle_and_free(engine)
+
+
 def test_cache_off_never_hits(make_engine):
     engine = make_engine(prefix_cache=False)
     run(engine, {"a": SYSTEM + [1, 2], "b": SYSTEM + [3, 4]})

@@ -148,9 +148,9 @@ def handoff_bytes(mesh: Mesh) -> float:
     return total
 
 
-def engine_greedy(reference_engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
+def engine_greedy(reference_engine, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
     engine, _ = reference_engine
-    engine.add_request(EngineRequest("ref", prompt_ids, SamplingParams(max_tokens=max_tokens)))
+    engine.add_request(EngineRequest("ref", prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)))
     tokens = []
     while engine.has_work():
         for out in engine.step():

@@ -261,8 +261,10 @@ class LLMEngine:
         seq.output_ids.append(token)
         reason = seq.finish_reason_after(token, self.max_model_len)
         output = EngineOutput(seq.request_id, [token], reason, num_prompt_tokens=seq.num_prompt_tokens)
-        if len(seq.output_ids) == 1 and seq.scheduled is not None:
-            output.queue_s = seq.scheduled - seq.arrival
+        if len(seq.output_ids) == 1:
+            output.num_cached_tokens = seq.num_cached_tokens
+            if seq.scheduled is not None:
+                output.queue_s = seq.scheduled - seq.arrival
         if reason is None and seq.request.prefill_only:
             self.scheduler.hold(seq)
             output.finish_reason = "prefilled"

@@ -40,6 +40,8 @@ async def stream_outputs(queue: asyncio.Queue, streams: dict, request_id: str,
 
 
 def coalesce(first: EngineOutput, then: EngineOutput) -> EngineOutput:
-    """One output carrying the tokens of both; `then`'s ending (finish, error, handle), `first`'s queue time."""
+    """One output carrying the tokens of both; `then`'s ending (finish, error, handle), `first`'s
+    queue time and cached prompt tokens."""
     return dataclasses.replace(then, token_ids=first.token_ids + then.token_ids,
-                               queue_s=first.queue_s if first.queue_s is not None else then.queue_s)
+                               queue_s=first.queue_s if first.queue_s is not None else then.queue_s,
+                               num_cached_tokens=first.num_cached_tokens or then.num_cached_tokens)

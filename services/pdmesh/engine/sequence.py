@@ -51,6 +51,7 @@ class EngineOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     queue_s: float | None = None  # on the first output: seconds the request waited to be scheduled
+    num_cached_tokens: int = 0  # on the first output: leading prompt tokens the prefix cache held (not computed)
     kv_transfer_params: dict | None = None  # prefill on a connector engine: the handle decode submits
 
     @property

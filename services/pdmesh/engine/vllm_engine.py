@@ -255,6 +255,7 @@ def _engine_output(request_id: str, out) -> EngineOutput:
     reason = (completion.finish_reason or "stop") if out.finished else None  # "stop", "length", "abort"
     return EngineOutput(request_id, list(completion.token_ids), reason,
                         num_prompt_tokens=len(out.prompt_token_ids or ()),
+                        num_cached_tokens=getattr(out, "num_cached_tokens", None) or 0,
                         kv_transfer_params=out.kv_transfer_params if out.finished else None)
 
 

@@ -88,7 +88,7 @@ class PrefillWorkerServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             self.state.queued_prompt_tokens -= len(prompt)
         seconds = time.perf_counter() - start
         metrics.PREFILL_SECONDS.observe(seconds)
-        metrics.PREFILL_TOKENS.inc(len(prompt))
+        metrics.PREFILL_TOKENS.inc(len(prompt) - output.num_cached_tokens)  # computed here, not found cached
         if output.queue_s is not None:
             metrics.ENGINE_QUEUE_TIME.observe(output.queue_s)
         return output, seconds
