@@ -6,8 +6,9 @@ Starts `pdmesh serve` (default model, 1 prefill and 1 decode worker, every promp
 prefill worker), runs N greedy streams of --tokens tokens through the scheduler from this process,
 and reads each process's CPU time (/proc, user + system) before and after. The decode worker's
 time is split by thread name: "main" steps the engine, OpenMP's threads compute inside its ops,
-and the rest serve gRPC and the asyncio loop that streams tokens out. Prints CPU milliseconds per generated token by process, and
-the wall-clock throughput of the run, and what each process burns while the mesh is idle. Prompts are 5-40 tokens, so prefill is a small share.
+and "pdmesh-rpc" serves gRPC and the asyncio loop that streams tokens out. Prints CPU milliseconds
+per generated token by process, the wall-clock throughput of the run, and what each process burns
+while the mesh is idle. Prompts are 5-40 tokens, so prefill is a small share.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ class ServeConfig:
                          advertise_address=self.scheduler.listen.advertise_address)
         return replace(self.worker, role=role, worker_id=f"{role}-{index}", engine=self._engine_share(),
                        scheduler_address=self.scheduler.internal_address(), listen=listen, tp=plan.tp,
-                       cpu=replace(self.worker.cpu, threads=plan.threads or os.cpu_count() or 1, nice=nice, cpus=plan.cpus),
+                       cpu=replace(self.worker.cpu, threads=plan.threads or os.cpu_count() or 1, nice=nice,
+                                   cpus=plan.cpus),
                        security=self.scheduler.security)
 
 

@@ -1,10 +1,10 @@
-"""A frozen linear layer that picks the fastest CPU kernel for the number of rows.
+"""A frozen linear layer on the fastest CPU kernel: oneDNN with its weights prepacked.
 
 On this CPU, oneDNN with weights reordered ahead of time ("prepacked") runs the skinny GEMMs of a
 decode batch up to 2x faster than a plain matmul, and a single row faster too (the linears of a
 batch-1 SmolLM2 step: 37 ms packed against 56.5 ms plain, tools/profile_step.py). Weights the
-reorder does not take stay plain. The private mkldnn ops are
-safe to use because torch is pinned.
+reorder does not take (GPU, bf16 without AVX-512) and inputs that are not 2-D run plain. The
+private mkldnn ops are safe to use because torch is pinned.
 """
 
 from __future__ import annotations
