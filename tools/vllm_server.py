@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -142,8 +142,16 @@ def _events(buffer: bytearray) -> Iterator[bytes]:
 
 async def stream_completion(server: VllmServer, prompt_ids: list[int], max_tokens: int,
                             ) -> AsyncIterator[tuple[float, int]]:
-    """(perf_counter at arrival, new tokens) per SSE event of a greedy streamed completion.
+    """(perf_counter at arrival, number of new tokens) per SSE event of a greedy streamed completion.
     Closing the iterator (or cancelling its task) closes the connection, which aborts the request."""
+    async with aclosing(stream_token_ids(server, prompt_ids, max_tokens)) as events:
+        async for when, token_ids in events:
+            yield when, len(token_ids)
+
+
+async def stream_token_ids(server: VllmServer, prompt_ids: list[int], max_tokens: int,
+                           ) -> AsyncIterator[tuple[float, list[int]]]:
+    """(perf_counter at arrival, the new token ids) per SSE event, as stream_completion."""
     body = json.dumps({"model": server.model, "prompt": prompt_ids, "max_tokens": max_tokens,
                        "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
                        "return_token_ids": True}).encode()
@@ -163,6 +171,15 @@ async def stream_completion(server: VllmServer, prompt_ids: list[int], max_token
                 if payload == b"[DONE]":
                     return
                 choices = json.loads(payload).get("choices") or [{}]
-                yield time.perf_counter(), len(choices[0].get("token_ids") or ())
+                yield time.perf_counter(), list(choices[0].get("token_ids") or ())
     finally:
         writer.close()
+
+
+def counter_sum(server: VllmServer, name: str) -> float | None:
+    """The sum of a counter's samples (all label sets) on vLLM's /metrics; None if it has none."""
+    with _NO_PROXY.open(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines
+              if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
+    return sum(values) if values else None

@@ -140,11 +140,16 @@ def start_mesh(log_path: Path, *flags: str, timeout_s: float = 300.0, env: dict[
 
 def handoff_bytes(mesh: Mesh) -> float:
     """KV bytes the mesh's decode workers have received over hand-offs (their own metric)."""
+    return role_metric(mesh, "decode", "pdmesh_kv_handoff_bytes_total")
+
+
+def role_metric(mesh: Mesh, role: str, name: str) -> float:
+    """A metric summed over every worker of a role (each worker's own /metrics)."""
     total = 0.0
-    for w in mesh.workers("decode"):
+    for w in mesh.workers(role):
         body = urllib.request.urlopen(f"http://{w.metrics_address}/metrics").read().decode()
         total += sum(float(line.split()[-1]) for line in body.splitlines()
-                     if line.startswith("pdmesh_kv_handoff_bytes_total"))
+                     if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "))
     return total
 
 
