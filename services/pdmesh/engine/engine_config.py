@@ -26,6 +26,10 @@ class EngineConfig:
         "memory for KV blocks, GiB (0: 1 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)"))
     max_num_seqs: int = field(default=64, metadata=option("sequences in a running batch"))
     max_num_batched_tokens: int = field(default=4096, metadata=option("prompt tokens prefilled in one step"))
+    prefill_chunk_tokens: int = field(default=0, metadata=option(
+        "prefill prompts in chunks of at most this many tokens, one chunk per step, so running streams "
+        "keep decoding between chunks: small chunks keep their inter-token latency, large ones give a "
+        "long prompt its first token sooner (0: every prompt in one step)"))
     dtype: str = field(default=AUTO_DTYPE, metadata=option(
         "weights and KV dtype (unset: bfloat16 on CUDA, float32 on CPU; float32 is the token-exact mode)",
         choices=DTYPES))
@@ -47,6 +51,9 @@ class EngineConfig:
             raise InvalidRequestError(f"max_model_len must be >= 0, got {self.max_model_len}", "max_model_len")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.prefill_chunk_tokens and self.prefill_chunk_tokens < self.block_size:
+            raise InvalidRequestError(f"prefill_chunk_tokens must be 0 (off) or at least block_size "
+                                      f"({self.block_size}), got {self.prefill_chunk_tokens}", "prefill_chunk_tokens")
         if self.kv_cache_gib < 0:
             raise InvalidRequestError(f"kv_cache_gib must be >= 0, got {self.kv_cache_gib}", "kv_cache_gib")
         if self.dtype not in (AUTO_DTYPE, *DTYPES):

@@ -126,7 +126,7 @@ class LLMEngine:
     def load(self) -> tuple[int, int]:
         """(running sequences, waiting sequences)."""
         with self.lock:
-            return len(self.scheduler.running), len(self.scheduler.waiting)
+            return len(self.scheduler.running), len(self.scheduler.waiting) + len(self.scheduler.prefilling)
 
     def validate(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise InvalidRequestError if this request could never run here."""
@@ -206,10 +206,12 @@ class LLMEngine:
         self.last_step_s = time.perf_counter() - start
         self.num_steps += 1
         with self.lock:
-            for i, (seq, token) in enumerate(zip(step.prefill + step.decode, tokens)):
+            for seq in step.prefill:
+                seq.num_computed_tokens = seq.prefill_end
+                self.scheduler.prefix_cache.cache_computed(seq)  # shareable before it finishes
+            for seq in step.decode:
                 seq.num_computed_tokens = seq.num_tokens  # the KV of every token fed so far is written
-                if i < len(step.prefill):
-                    self.scheduler.prefix_cache.cache_computed(seq)  # shareable before it finishes
+            for seq, token in zip(sampled_sequences(step), tokens):
                 if not seq.aborted:
                     outputs.append(self._append(seq, token))
         return outputs
@@ -240,21 +242,26 @@ class LLMEngine:
         return outputs
 
     def _run(self, step: ScheduledStep) -> list[int]:
+        """Feed the step's prompt chunks and decode tokens through the model; returns one token per
+        sequence of sampled_sequences(step) (a prompt's last chunk samples its first token)."""
         ids, positions, rows = [], [], []
-        for seq in step.prefill:  # only what the prefix cache does not hold
-            ids += seq.request.prompt_ids[seq.num_cached_tokens:]
-            positions += range(seq.num_cached_tokens, seq.num_prompt_tokens)
-            rows.append(len(ids) - 1)
+        for seq in step.prefill:  # only what the prefix cache and earlier chunks do not hold
+            ids += seq.request.prompt_ids[seq.num_computed_tokens:seq.prefill_end]
+            positions += range(seq.num_computed_tokens, seq.prefill_end)
+            if seq.prefill_end == seq.num_prompt_tokens:
+                rows.append(len(ids) - 1)
         for seq in step.decode:
             ids.append(seq.output_ids[-1])
             positions.append(seq.num_tokens - 1)
             rows.append(len(ids) - 1)
-        batch = AttentionBatch.build(self.cache, [(s.block_ids, s.num_cached_tokens, s.num_prompt_tokens)
+        batch = AttentionBatch.build(self.cache, [(s.block_ids, s.num_computed_tokens, s.prefill_end)
                                                   for s in step.prefill],
                                      [(s.block_ids, s.num_tokens) for s in step.decode])
         logits = self.model.forward(torch.tensor(ids), torch.tensor(positions), batch, self.cache,
-                                    torch.tensor(rows))
-        seqs = step.prefill + step.decode
+                                    torch.tensor(rows, dtype=torch.long))
+        seqs = sampled_sequences(step)
+        if not seqs:
+            return []
         return sample(logits, [s.params for s in seqs], [s.request.output_offset + len(s.output_ids) for s in seqs])
 
     def _append(self, seq: Sequence, token: int) -> EngineOutput:
@@ -283,3 +290,8 @@ class LLMEngine:
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self._sequences.pop(seq.request_id, None)
+
+
+def sampled_sequences(step: ScheduledStep) -> list[Sequence]:
+    """The sequences that get a token this step: prompts whose last chunk ran, then the decodes."""
+    return [s for s in step.prefill if s.prefill_end == s.num_prompt_tokens] + step.decode

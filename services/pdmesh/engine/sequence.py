@@ -71,6 +71,7 @@ class Sequence:
     scheduled: float | None = None  # when it left the waiting queue
     num_cached_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
     num_computed_tokens: int = 0  # leading tokens whose KV is in the blocks
+    prefill_end: int = 0  # where the prompt chunk of the step being run ends (BatchScheduler.schedule)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
 
     @property

@@ -78,8 +78,10 @@ def start_vllm_engine(config: WorkerConfig) -> Engine:
     settings = VllmSettings(
         model_dir=str(ensure_vllm_folder(config.model, log=log.info)), role=config.role,
         max_model_len=min(config.engine.max_model_len or model.max_position_embeddings, model.max_position_embeddings),
-        kv_cache_bytes=int((config.engine.kv_cache_gib or kv_budget.CPU_DEFAULT_GIB) * kv_budget.GIB), max_num_seqs=config.engine.max_num_seqs,
-        max_num_batched_tokens=config.engine.max_num_batched_tokens, cpus=config.cpu.cpus,
+        kv_cache_bytes=int((config.engine.kv_cache_gib or kv_budget.CPU_DEFAULT_GIB) * kv_budget.GIB),
+        max_num_seqs=config.engine.max_num_seqs, cpus=config.cpu.cpus,
+        # vLLM always chunks prefill, by its step's token budget
+        max_num_batched_tokens=config.engine.prefill_chunk_tokens or config.engine.max_num_batched_tokens,
         dtype=resolve_dtype(config.engine.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         side_channel_host=config.listen.advertised_host(), side_channel_port=config.kv_side_channel_port,
         kv_lease_s=max(1, round(config.held_kv_ttl_s)), eos_token_ids=model.eos_token_ids,
@@ -89,9 +91,11 @@ def start_vllm_engine(config: WorkerConfig) -> Engine:
 
 def _log_started(config: WorkerConfig, engine: Engine) -> Engine:
     load = engine.load()
-    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d, OpenMP waits %s",
-             config.role, engine.model_name, engine.kind, engine.device, load.total_blocks, load.block_size,
-             torch.get_num_threads(), os.nice(0), os.environ.get("OMP_WAIT_POLICY", "unset").lower())
+    chunk = config.engine.prefill_chunk_tokens
+    log.info("%s worker: %s (%s engine) on %s, %d KV blocks of %d tokens, %d threads, nice %d, OpenMP waits %s, "
+             "prefills %s", config.role, engine.model_name, engine.kind, engine.device, load.total_blocks,
+             load.block_size, torch.get_num_threads(), os.nice(0), os.environ.get("OMP_WAIT_POLICY", "unset").lower(),
+             f"in chunks of {chunk} tokens" if chunk else "whole prompts")
     return engine
 
 
