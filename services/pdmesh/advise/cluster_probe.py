@@ -69,10 +69,16 @@ def signals(workers: list[WorkerView], polls: list[list[WorkerView]], deltas: di
         mean(sum(w.running for w in poll if w.role == "decode") for poll in polls) / max(1, len(decode)),
         mean(sum(w.queued for w in poll if w.role == "decode") for poll in polls),
         max((w.kv_usage_ratio for poll in polls for w in poll if w.role == "decode"), default=0.0),
-        histogram.quantile(0.95, handoff))
+        histogram.quantile(0.95, handoff), _cores(prefill, deltas, seconds), _cores(decode, deltas, seconds))
 
 
 def _busy(worker_ids: list[str], deltas: dict[str, WorkerMetrics], seconds: float) -> float | None:
     """Mean share of the step the workers' engines spent computing."""
     shares = [deltas[w].busy_seconds / seconds for w in worker_ids if w in deltas and seconds > 0]
     return min(1.0, mean(shares)) if shares else None
+
+
+def _cores(worker_ids: list[str], deltas: dict[str, WorkerMetrics], seconds: float) -> float | None:
+    """Mean CPU cores the workers' processes used over the step."""
+    used = [deltas[w].cpu_seconds / seconds for w in worker_ids if w in deltas and seconds > 0]
+    return mean(used) if used else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pdmesh.advise.cluster_probe import ClusterProbe
 from pdmesh.advise.sweep_step import SweepStep
 from pdmesh.advise.verdict import decide, describe
 from pdmesh.bench.main import bench_target
+from pdmesh.bench.request_record import RequestRecord
 from pdmesh.bench.summary import Summary
 from pdmesh.client import PdmeshClient
 from pdmesh.config import SECRET_ENV
@@ -25,9 +27,11 @@ COLUMNS = (  # (header, value of a step, format)
     ("TTFT p50 s", lambda s: s.ttft_p50_s, "{:.2f}"), ("TTFT p95 s", lambda s: s.ttft_p95_s, "{:.2f}"),
     ("TPOT p50 ms", lambda s: None if s.tpot_p50_s is None else s.tpot_p50_s * 1e3, "{:.0f}"),
     ("prefill busy", lambda s: s.signals.prefill_busy, "{:.0%}"),
+    ("prefill cores", lambda s: s.signals.prefill_cores, "{:.2f}"),
     ("backlog tok", lambda s: s.signals.prefill_backlog_tokens, "{:,.0f}"),
     ("backlog s", lambda s: s.signals.prefill_backlog_s, "{:.1f}"),
     ("decode busy", lambda s: s.signals.decode_busy, "{:.0%}"),
+    ("decode cores", lambda s: s.signals.decode_cores, "{:.2f}"),
     ("batch", lambda s: s.signals.decode_batch, "{:.1f}"), ("waiting", lambda s: s.signals.decode_queued, "{:.1f}"),
     ("KV max", lambda s: s.signals.kv_usage, "{:.0%}"),
     ("hand-off p95 ms", lambda s: None if s.signals.handoff_p95_s is None else s.signals.handoff_p95_s * 1e3,
@@ -41,15 +45,25 @@ async def measure(config: AdviseConfig, probe: ClusterProbe, rate: float, first:
     done = asyncio.Event()
     watching = asyncio.create_task(probe.watch(done))
     try:
-        summary, _ = await bench_target(config.bench.target, load)
+        summary, records = await bench_target(config.bench.target, load)
     finally:
         done.set()
-    return step_of(rate, summary, await watching)
+    return step_of(rate, summary, await watching, records)
 
 
-def step_of(rate: float, s: Summary, signals) -> SweepStep:
+def step_of(rate: float, s: Summary, signals, records: list[RequestRecord]) -> SweepStep:
+    failures = Counter(f"{r.status}: {r.error}" if r.error else r.status for r in records if not r.ok)
     return SweepStep(rate, s.num_requests, s.num_ok, s.request_throughput, s.output_throughput, s.ttft.p50,
-                     s.ttft.p95, s.tpot.p50, signals)
+                     s.ttft.p95, s.tpot.p50, signals, dict(failures.most_common()))
+
+
+def failure_lines(step: SweepStep, most: int = 3) -> list[str]:
+    """Why requests failed at a step, the commonest reasons first."""
+    reasons = list(step.failures.items())
+    lines = [f"    failed at {step.rate:g} req/s: {count} x {reason}" for reason, count in reasons[:most]]
+    if len(reasons) > most:
+        lines.append(f"    ... and {sum(c for _, c in reasons[most:])} more, for {len(reasons) - most} other reasons")
+    return lines
 
 
 async def sweep(config: AdviseConfig, client: PdmeshClient) -> list[SweepStep]:
@@ -57,7 +71,7 @@ async def sweep(config: AdviseConfig, client: PdmeshClient) -> list[SweepStep]:
     steps: list[SweepStep] = []
     for rate in config.rate_list():
         steps.append(await measure(config, probe, rate, not steps))
-        print(table(steps[-1:], header=not steps[1:]), flush=True)
+        print("\n".join([table(steps[-1:], header=not steps[1:]), *failure_lines(steps[-1])]), flush=True)
         if decide(steps, config.ttft_rise, config.flat_gain, config.busy_limit).knee is not None:
             break
     return steps

@@ -4,7 +4,7 @@ the verdict can be checked on recorded sweeps."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,10 @@ class PhaseSignals:
     decode_queued: float  # requests waiting in decode engines (for a batch slot or KV), mean over polls
     kv_usage: float  # highest KV usage seen on a decode worker
     handoff_p95_s: float | None  # KV hand-off time on decode workers, p95 over the step
+    # CPU cores each worker's process used, mean per worker (busy is wall time in steps, which on
+    # shared cores includes time the kernel gave to other processes; this is what it got)
+    prefill_cores: float | None = None
+    decode_cores: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class SweepStep:
     ttft_p95_s: float | None
     tpot_p50_s: float | None
     signals: PhaseSignals
+    failures: dict[str, int] = field(default_factory=dict)  # "STATUS: message" -> requests that failed so
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -29,7 +29,7 @@ class GrpcTarget:
                     record.prompt_tokens, record.output_tokens = chunk.prompt_tokens, chunk.completion_tokens
                     record.status = OK
         except PdmeshClientError as exc:
-            record.status = exc.code_name
+            record.status, record.error = exc.code_name, exc.message
         record.end = time.perf_counter()
         return record
 

@@ -54,12 +54,13 @@ class OpenAITarget:
                                          headers=self.headers) as response:
                 if response.status != 200:
                     record.status = f"HTTP {response.status}"
+                    record.error = error_message(await response.text())
                 else:
                     await self._read_events(response, record)
         except asyncio.TimeoutError:
             record.status = "TIMEOUT"
-        except aiohttp.ClientError:
-            record.status = "CONNECTION"
+        except aiohttp.ClientError as exc:
+            record.status, record.error = "CONNECTION", str(exc)
         record.end = time.perf_counter()
         return record
 
@@ -75,7 +76,7 @@ class OpenAITarget:
                 return
             event = json.loads(data)
             if "error" in event:
-                record.status = "STREAM_ERROR"
+                record.status, record.error = "STREAM_ERROR", error_message(json.dumps(event))
                 continue
             choices = event.get("choices") or []
             if choices and _text(choices[0]):
@@ -90,3 +91,12 @@ class OpenAITarget:
 
 def _text(choice: dict) -> str:
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def error_message(body: str) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message": ...}}), else the body."""
+    try:
+        error = json.loads(body).get("error")
+        return str(error.get("message", error) if isinstance(error, dict) else error or body)[:300]
+    except (ValueError, AttributeError):
+        return body[:300]

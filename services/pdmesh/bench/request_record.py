@@ -16,6 +16,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     status: str = "incomplete"  # OK, a gRPC status name, HTTP <code>, CONNECTION, ...
+    error: str = ""  # what the server or the connection said, when it failed
 
     @property
     def ok(self) -> bool:

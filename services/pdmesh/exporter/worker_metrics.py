@@ -20,6 +20,7 @@ class WorkerMetrics:
     engine_queue_seconds: float = 0.0  # pdmesh_engine_queue_time_seconds_sum: the wait part
     handoff_buckets: Buckets = ()  # pdmesh_kv_handoff_seconds_bucket
     busy_seconds: float = 0.0  # pdmesh_engine_busy_seconds_total: time in engine steps
+    cpu_seconds: float = 0.0  # process_cpu_seconds_total: CPU the worker's process used, every thread
 
     def minus(self, earlier: "WorkerMetrics") -> "WorkerMetrics":
         """What happened between `earlier` and this sample; a counter that went down means the
@@ -31,12 +32,12 @@ class WorkerMetrics:
                              self.prefill_seconds - earlier.prefill_seconds,
                              self.engine_queue_seconds - earlier.engine_queue_seconds,
                              tuple((le, count - old.get(le, 0.0)) for le, count in self.handoff_buckets),
-                             self.busy_seconds - earlier.busy_seconds)
+                             self.busy_seconds - earlier.busy_seconds, self.cpu_seconds - earlier.cpu_seconds)
 
     def _went_down_from(self, earlier: "WorkerMetrics") -> bool:
         old = dict(earlier.handoff_buckets)
         return (self.prefill_tokens < earlier.prefill_tokens or self.prefill_seconds < earlier.prefill_seconds
-                or self.busy_seconds < earlier.busy_seconds
+                or self.busy_seconds < earlier.busy_seconds or self.cpu_seconds < earlier.cpu_seconds
                 or any(count < old.get(le, 0.0) for le, count in self.handoff_buckets))
 
 
@@ -54,7 +55,8 @@ def parse(text: str) -> WorkerMetrics:
     return WorkerMetrics(values.get("pdmesh_prefill_tokens_total", 0.0), values.get("pdmesh_prefill_seconds_sum", 0.0),
                          values.get("pdmesh_engine_queue_time_seconds_sum", 0.0),
                          tuple(b for b in buckets if not math.isnan(b[0])),
-                         values.get("pdmesh_engine_busy_seconds_total", 0.0))
+                         values.get("pdmesh_engine_busy_seconds_total", 0.0),
+                         values.get("process_cpu_seconds_total", 0.0))
 
 
 def scrape(address: str, timeout_s: float) -> WorkerMetrics:
