@@ -2,6 +2,7 @@
 stepped with batches of decoding sequences under torch.profiler, op time grouped by kind.
 
     python tools/profile_step.py [--batches 1,16,64] [--steps 20] [--context 100] [--top 0]
+                                 [--attention-backend auto|sdpa|paged]
 
 For each batch size it prints the wall time of a step, the CPU time inside torch ops by kind
 (linear layers with the LM head, attention, gathers and cache writes, norms, RoPE, element-wise,
@@ -28,7 +29,8 @@ from bench_common import log  # noqa: E402
 # (kind, substrings of an op's name), matched in order; the first match wins.
 KINDS = (
     ("linear", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
-    ("attention", ("scaled_dot_product", "_flash_attention", "aten::bmm", "aten::baddbmm", "aten::_softmax")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "aten::bmm", "aten::baddbmm", "aten::_softmax",
+                   "pdmesh::paged_decode")),
     ("kv gather/write", ("aten::index_select", "aten::index_copy", "aten::index", "aten::gather")),
     ("norm", ("aten::rsqrt", "aten::pow", "aten::mean")),
     ("sampling", ("aten::argmax", "aten::_local_scalar_dense", "aten::item")),
@@ -44,12 +46,15 @@ def kind_of(name: str) -> str:
     return "other ops"
 
 
-def build_engine():
+def build_engine(attention_backend: str = "auto"):
     from pdmesh.engine.checkpoint import load_checkpoint
     from pdmesh.engine.engine_config import EngineConfig
     from pdmesh.engine.llm_engine import LLMEngine
     ck = load_checkpoint(None, log=log)
-    return LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, max_num_seqs=256))
+    engine = LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, max_num_seqs=256,
+                                                           attention_backend=attention_backend))
+    log(f"decode attention: {engine.model.decode_backend}")
+    return engine
 
 
 def start_batch(engine, batch: int, context: int, tag: str, steps: int) -> None:
@@ -114,9 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps timed (and then profiled) per batch size")
     p.add_argument("--context", type=int, default=100, help="prompt tokens of each sequence")
     p.add_argument("--top", type=int, default=0, help="also list this many costliest ops by name")
+    p.add_argument("--attention-backend", default="auto", help="the engine's --attention-backend (default auto)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    engine = build_engine()
+    engine = build_engine(args.attention_backend)
     results = {b: profile_batch(engine, b, args.steps, args.context)
                for b in (int(x) for x in args.batches.split(","))}
     print_table(results, args.top)

@@ -67,7 +67,7 @@ def test_auto_dtype_is_bfloat16_on_cuda_only():
 @pytest.mark.parametrize("fields,flag", [(dict(device="gpu"), "device"), (dict(device="cuda:x"), "device"),
                                          (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization"),
                                          (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
-                                         (dict(attention_backend="paged"), "attention_backend")])
+                                         (dict(attention_backend="xformers"), "attention_backend")])
 def test_config_refuses_bad_device_settings(fields, flag):
     with pytest.raises(InvalidRequestError) as err:
         EngineConfig(**fields)

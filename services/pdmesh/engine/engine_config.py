@@ -11,7 +11,7 @@ from pdmesh.option import option
 
 DTYPES = ("float32", "bfloat16")
 AUTO_DTYPE = ""  # --dtype unset: bfloat16 on CUDA, float32 on CPU (pdmesh.engine.device)
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "paged")
 AUTO_DEVICE = ""  # --device unset: cuda when CUDA is available, else cpu (pdmesh.engine.device)
 _DEVICE_FORM = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # Read by the engine (its KV and positions) and by the scheduler (its caps): one flag for both.
@@ -40,8 +40,9 @@ class EngineConfig:
         "fraction of the GPU's memory this worker may use; the KV pool gets what is left after the "
         "weights and a measured activation peak (CUDA only; pdmesh serve splits it among its workers)"))
     attention_backend: str = field(default="auto", metadata=option(
-        "decode attention over the paged KV: sdpa gathers each context, flex reads blocks in place "
-        "(auto: flex on CUDA when it compiles, else sdpa)", choices=ATTENTION_BACKENDS))
+        "decode attention over the paged KV: sdpa gathers each context, flex (CUDA) and paged (a C++ "
+        "kernel, CPU float32) read blocks in place (auto: flex on CUDA when it compiles, paged on CPU "
+        "in float32 when it builds, else sdpa)", choices=ATTENTION_BACKENDS))
     prefix_cache: bool = field(default=True, metadata=option(
         "keep the KV of full prompt blocks after a request ends and reuse it for prompts that share "
         "the prefix (--no-prefix-cache: compute every prompt in full)"))

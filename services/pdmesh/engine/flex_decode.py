@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from pdmesh.errors import InvalidRequestError
+
 Q_BLOCK = 128  # FlexAttention's default query tile; a decode query is one row of it
 MAX_KV_TILE = 64
 
@@ -30,12 +32,20 @@ def flex_available() -> bool:
     return True
 
 
-def decode_backend_for(name: str, device: torch.device) -> str:
+def decode_backend_for(name: str, device: torch.device, dtype: str = "float32") -> str:
     """`--attention-backend`: auto is flex on CUDA (where it compiles to one fused kernel) when
-    torch has it, else sdpa; on CPU flex would run its eager reference, so auto stays sdpa."""
+    torch has it; on CPU in float32 the paged C++ kernel when it builds (`paged_decode`); else sdpa.
+    paged asked for elsewhere than CPU float32 is refused."""
+    from pdmesh.engine.paged_decode import paged_available
+
+    if name == "paged" and (device.type != "cpu" or dtype != "float32"):
+        raise InvalidRequestError(f"attention_backend paged runs on CPU in float32; this engine is on "
+                                  f"{device.type} in {dtype}", "attention_backend")
     if name != "auto":
         return name
-    return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+    if device.type == "cuda":
+        return "flex" if flex_available() else "sdpa"
+    return "paged" if dtype == "float32" and paged_available() else "sdpa"
 
 
 class FlexDecode:

@@ -49,7 +49,7 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, self.device)
         if model is None:
             model = LlamaModel(model_config, place_weights(weights, dtype, self.device), self.max_model_len,
-                               all_reduce, decode_backend_for(config.attention_backend, self.device),
+                               all_reduce, decode_backend_for(config.attention_backend, self.device, dtype),
                                config.max_num_seqs)
         self.model = model
         self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,

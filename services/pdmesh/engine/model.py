@@ -21,12 +21,13 @@ from pdmesh.engine.flex_decode import FlexDecode
 from pdmesh.engine.kv_cache import KVCache
 from pdmesh.engine.linear import FrozenLinear
 from pdmesh.engine.model_config import ModelConfig
+from pdmesh.engine.paged_decode import paged_attend, paged_available
 from pdmesh.engine.rope import RotaryEmbedding
 from pdmesh.errors import CheckpointError
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 log = logging.getLogger(__name__)
-DECODE_BACKENDS = ("sdpa", "flex")
+DECODE_BACKENDS = ("sdpa", "flex", "paged")
 
 
 class DecoderLayer:
@@ -80,8 +81,9 @@ class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
                  all_reduce: AllReduce | None = None, decode_backend: str = "sdpa", max_num_seqs: int = 64):
         """weights: HF-named, already in the dtype and on the device to run on.
-        decode_backend: "sdpa" (gather each context) or "flex" (read blocks in place; compiled on CUDA,
-        and replaced by sdpa for good if it fails)."""
+        decode_backend: "sdpa" (gather each context), "flex" (read blocks in place; compiled on CUDA,
+        and replaced by sdpa for good if it fails) or "paged" (read blocks in place with the CPU C++
+        kernel; sdpa when it cannot be built)."""
         if decode_backend not in DECODE_BACKENDS:
             raise ValueError(f"decode_backend must be one of {DECODE_BACKENDS}, got {decode_backend!r}")
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
@@ -119,7 +121,16 @@ class LlamaModel:
             except Exception as exc:  # an inductor or Triton failure: the exact path still serves
                 log.warning("flex decode attention failed (%s: %s); using sdpa from now on", type(exc).__name__, exc)
                 self.decode_backend, self._flex = "sdpa", None
+        if self.decode_backend == "paged" and batch.num_decode:
+            if paged_available():
+                return self._forward(input_ids, positions, self._with_paged(batch, cache), cache, logit_rows)
+            self.decode_backend = "sdpa"  # asked for, but it could not be built here (logged once)
         return self._forward(input_ids, positions, batch, cache, logit_rows)
+
+    @staticmethod
+    def _with_paged(batch: AttentionBatch, cache: KVCache) -> AttentionBatch:
+        tables, lens, block_size = batch.decode_tables, batch.decode_lens, cache.block_size
+        return replace(batch, decode_attention=lambda q, kv_layer: paged_attend(q, kv_layer, tables, lens, block_size))
 
     def _with_flex(self, batch: AttentionBatch, cache: KVCache) -> AttentionBatch:
         if self._flex is None or self._flex.num_blocks != cache.num_blocks:

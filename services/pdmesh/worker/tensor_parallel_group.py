@@ -88,8 +88,8 @@ def rank_model(config: WorkerConfig, checkpoint: Checkpoint, weights: dict, devi
     """A rank's model over its placed shard (rank_weights), all-reducing through `group`."""
     max_len = min(config.engine.max_model_len or checkpoint.config.max_position_embeddings,
                   checkpoint.config.max_position_embeddings)
-    return LlamaModel(checkpoint.config, weights, max_len, group.all_reduce,
-                      decode_backend_for(config.engine.attention_backend, device), config.engine.max_num_seqs)
+    backend = decode_backend_for(config.engine.attention_backend, device, resolve_dtype(config.engine.dtype, device))
+    return LlamaModel(checkpoint.config, weights, max_len, group.all_reduce, backend, config.engine.max_num_seqs)
 
 
 def _kill(followers: list[subprocess.Popen]) -> None:
