@@ -15,8 +15,8 @@ tokens computed" are the prompt tokens an engine computed (the rest came from it
 prefill workers' `pdmesh_prefill_tokens_total`, vLLM's prefix cache queries minus hits); "KV
 handed off" is what the decode worker received (`pdmesh_kv_handoff_bytes_total`): with the cache
 on it asks only for the blocks it lacks. Token ids are drawn from ordinary vocabulary ids, no chat
-template, with a fixed seed. Default run: about 3 minutes for the engine part, 4 for the mesh
-part, plus vLLM's start with --vllm-python.
+template, with a fixed seed. Default run: about 3 minutes for the engine part and 4 for the mesh
+part; --vllm-python adds about 4 (vLLM's start included).
 """
 
 from __future__ import annotations
@@ -84,6 +84,16 @@ def run(send: Send, requests, shared: bool) -> dict:
 
 # -- senders ------------------------------------------------------------------------------------------
 
+def collect(sent: float, chunks) -> tuple[float, list[int]]:
+    """(TTFT, every token id) from a stream of (arrival time, new token ids)."""
+    first, answer = None, []
+    for when, ids in chunks:
+        if first is None and ids:
+            first = when - sent
+        answer += ids
+    return first, answer
+
+
 def engine_sender(engine, output_tokens: int) -> Send:
     from pdmesh.engine.sampling_params import SamplingParams
     from pdmesh.engine.sequence import EngineRequest
@@ -91,42 +101,36 @@ def engine_sender(engine, output_tokens: int) -> Send:
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
     count = iter(range(1 << 30))
 
+    def steps():
+        while engine.has_work():
+            for out in engine.step():
+                yield time.perf_counter(), out.token_ids
+
     def send(prompt: list[int]) -> tuple[float, list[int]]:
         sent = time.perf_counter()
         engine.add_request(EngineRequest(f"r{next(count)}", prompt, params))
-        answer, first = [], None
-        while engine.has_work():
-            for out in engine.step():
-                if first is None and out.token_ids:
-                    first = time.perf_counter() - sent
-                answer += out.token_ids
-        return first, answer
+        return collect(sent, steps())
     return send
 
 
 def mesh_sender(client, output_tokens: int) -> Send:
     def send(prompt: list[int]) -> tuple[float, list[int]]:
-        sent, first, answer = time.perf_counter(), None, []
-        for chunk in client.stream(prompt_token_ids=prompt, max_tokens=output_tokens, ignore_eos=True,
-                                   temperature=0.0):
-            if first is None and chunk.token_ids:
-                first = time.perf_counter() - sent
-            answer += chunk.token_ids
-        return first, answer
+        sent = time.perf_counter()
+        chunks = client.stream(prompt_token_ids=prompt, max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
+        return collect(sent, ((time.perf_counter(), chunk.token_ids) for chunk in chunks))
     return send
 
 
 def vllm_sender(server, output_tokens: int) -> Send:
     from vllm_server import stream_token_ids
 
-    async def collect(prompt: list[int]) -> tuple[float, list[int]]:
-        sent, first, answer = time.perf_counter(), None, []
-        async for when, ids in stream_token_ids(server, prompt, output_tokens):
-            if first is None and ids:
-                first = when - sent
-            answer += ids
-        return first, answer
-    return lambda prompt: asyncio.run(collect(prompt))
+    async def events(prompt: list[int]) -> list[tuple[float, list[int]]]:
+        return [event async for event in stream_token_ids(server, prompt, output_tokens)]  # arrival times inside
+
+    def send(prompt: list[int]) -> tuple[float, list[int]]:
+        sent = time.perf_counter()
+        return collect(sent, asyncio.run(events(prompt)))
+    return send
 
 
 # -- parts --------------------------------------------------------------------------------------------

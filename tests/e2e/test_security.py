@@ -107,6 +107,17 @@ def test_outsider_can_call_no_internal_rpc(keyed_mesh):
     assert_mesh_intact(keyed_mesh)  # nothing drained, no rogue worker registered
 
 
+def test_list_models_and_count_tokens_need_a_key_like_generate(keyed_mesh):
+    for key in (None, "not-a-key"):
+        with PdmeshClient(keyed_mesh.address, api_key=key, retries=0) as c:
+            for call in (c.list_models, lambda: c.count_tokens(prompt="hi")):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with PdmeshClient(keyed_mesh.address, api_key="app-key", retries=0) as c:
+        assert len(c.list_models()) == 1 and c.count_tokens(prompt="hi")
+
+
 def test_cluster_status_needs_an_admin_key(keyed_mesh):
     for key, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("app-key", grpc.StatusCode.PERMISSION_DENIED)):
         with PdmeshClient(keyed_mesh.address, api_key=key, retries=0) as c:

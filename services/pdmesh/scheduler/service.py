@@ -36,11 +36,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     run.outcome = "cancelled"
 
     async def ListModels(self, request, context):
+        self.front_door.authenticate(_credentials(context))  # with tenants on, a key is needed as for Generate
         m = self.model
         return scheduler_pb2.ListModelsResponse(models=[scheduler_pb2.Model(
             id=m.name, max_model_len=m.max_model_len, vocab_size=m.config.vocab_size)])
 
     async def CountTokens(self, request, context):
+        self.front_door.authenticate(_credentials(context))
         check_model(self.model, request.model)
         ids = prompt_ids_from(self.model, request.prompt, request.messages, [])
         return scheduler_pb2.CountTokensResponse(num_tokens=len(ids), token_ids=ids)
