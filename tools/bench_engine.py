@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep vLLM's engine-core process (default: VLLM_ENABLE_V1_MULTIPROCESSING=0, one "
                         "process; VLLM_CPU_OMP_THREADS_BIND only takes effect with --vllm-mp)")
     p.add_argument("--hf-dir", default=DEFAULT_HF_DIR, help="HF export of the GGUF that vLLM loads")
+    p.add_argument("--attention-backend", default="auto", help="pdmesh's --attention-backend (default auto)")
     p.add_argument("--device", default="cpu", help="cpu (this table), or cuda / cuda:N (tools/bench_gpu.py)")
     bench_gpu.add_args(p)
     p.add_argument("--only", choices=ENGINES, help=argparse.SUPPRESS)  # child mode
@@ -78,7 +79,8 @@ def run_pdmesh(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
 
     start = time.perf_counter()
     ck = load_checkpoint(None, log=log)
-    engine = LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, dtype=args.dtype))
+    engine = LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, dtype=args.dtype,
+                                                           attention_backend=args.attention_backend))
     load_s = time.perf_counter() - start
     counter = itertools.count()
 
@@ -226,7 +228,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 
 def run_children(args: argparse.Namespace, prompts_file: Path) -> list[tuple[str, dict]]:
     common = ["--prompts-file", str(prompts_file), "--new-tokens", str(args.new_tokens),
-              "--repeats", str(args.repeats), "--vllm-python", args.vllm_python, "--hf-dir", args.hf_dir]
+              "--repeats", str(args.repeats), "--vllm-python", args.vllm_python, "--hf-dir", args.hf_dir,
+              "--attention-backend", args.attention_backend]
     common += ["--vllm-eager"] * args.vllm_eager + ["--vllm-mp"] * args.vllm_mp
     results = []
     for label, engine, extra in plan(args):

@@ -131,13 +131,13 @@ async def throughput_table(streamer, prompts, reps, widths=STREAMS) -> dict[int,
     return {n: await throughput(streamer, (prompts * -(-n // len(prompts)))[:n], 64, reps) for n in widths}
 
 
-def engine_child(prompts_file: str, reps: int) -> None:
+def engine_child(prompts_file: str, reps: int, attention_backend: str) -> None:
     """The engine in-process as a worker runs it (AsyncEngine: LLMEngine stepped on its own thread),
     streamed and timed by the same code as the mesh and vLLM."""
     from pdmesh.engine import async_engine, checkpoint, engine_config, llm_engine, sampling_params, sequence
     ck = checkpoint.load_checkpoint(None, log=log)
     engine = async_engine.AsyncEngine(llm_engine.LLMEngine(ck.config, ck.weights, engine_config.EngineConfig(
-        kv_cache_gib=1.0, max_model_len=4096)))
+        kv_cache_gib=1.0, max_model_len=4096, attention_backend=attention_backend)))
 
     async def stream(ids, max_tokens):
         params = sampling_params.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -148,12 +148,12 @@ def engine_child(prompts_file: str, reps: int) -> None:
     emit_result({str(k): v for k, v in result.items()})
 
 
-def engine_throughput(prompts, reps, workdir: Path, in_thread: bool) -> dict[int, float]:
+def engine_throughput(prompts, reps, workdir: Path, in_thread: bool, attention_backend: str) -> dict[int, float]:
     """in_thread: this file's child (AsyncEngine); else bench_engine.py's (LLMEngine on the main thread)."""
     save_prompts(prompts, file := workdir / "prompts.json")
     cmd = ([__file__, "--engine-child", str(file), "--reps", str(reps)] if in_thread else
            [str(TOOLS / "bench_engine.py"), "--only", "pdmesh", "--prompts-file", str(file), "--new-tokens", "64",
-            "--repeats", str(reps)])
+            "--repeats", str(reps)]) + ["--attention-backend", attention_backend]
     # OpenMP waits as in a worker (--omp-wait-policy's default), so the two differ only in the mesh.
     result = run_child([sys.executable, *cmd], env=CpuPlacement().openmp_env(), timeout=900, label="engine")
     if "error" in result:
@@ -331,7 +331,8 @@ def mesh_parts(args, c: Counts, R: dict, workdir: Path) -> None:
         leak_check(mesh, R, "mesh after parts 1-4")
     if 1 in args.parts:
         for key, in_thread in (("engine", False), ("thread", True)):
-            R["p1"][key] = attempt(R, f"part 1: {key}", lambda: engine_throughput(prompts, c.reps, workdir, in_thread))
+            run = functools.partial(engine_throughput, prompts, c.reps, workdir, in_thread, args.attention_backend)
+            R["p1"][key] = attempt(R, f"part 1: {key}", run)
 
 
 def vllm_parts(args, c: Counts, R: dict, workdir: Path) -> None:
@@ -369,19 +370,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placement-settings", default="0:2,10:2,19:1,10:1", help="prefill nice:threads, comma-separated")
     p.add_argument("--long-max-tokens", type=int, default=1,
                    help="max_tokens of the long prompts (1: the mesh moves no KV for them; 2: it does)")
+    p.add_argument("--attention-backend", default="auto", help="the engine's --attention-backend, in the mesh's "
+                   "workers and the engine columns alike (default auto)")
     p.add_argument("--engine-child", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = {int(x) for x in args.parts.split(",") if x.strip()}
     global MESH_FLAGS
-    MESH_FLAGS = (*MESH_FLAGS[:-1], str(args.local_prefill_threshold))
+    MESH_FLAGS = (*MESH_FLAGS[:-1], str(args.local_prefill_threshold), "--attention-backend", args.attention_backend)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.engine_child:
-        return engine_child(args.engine_child, args.reps) or 0
+        return engine_child(args.engine_child, args.reps, args.attention_backend) or 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill runs the same clean-up as Ctrl-C
     c, started = QUICK if args.quick else Counts(), now()
     workdir = Path(tempfile.mkdtemp(prefix="bench_mesh-"))

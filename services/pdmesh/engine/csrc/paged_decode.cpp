@@ -12,6 +12,8 @@
 
 namespace {
 
+constexpr int64_t kSerialWork = 8192;
+
 // q: [B, H, D]; kv: [2, S, KVH, D] (one layer: keys, values); tables: [B, W] block ids (int64);
 // lens: [B] context lengths (int64). Returns [B, H * D].
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
@@ -39,12 +41,18 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv, cons
   const int64_t* lp = lc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  int64_t work = 0;  // (query head, context token) pairs
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "context length ", lp[b], " of row ", b,
                 " is outside its block table (", width, " blocks of ", block_size, ")");
+    work += lp[b] * heads;
   }
+  // Waking the pool's sleeping threads costs tens of microseconds; below this much work one thread
+  // finishes sooner (a batch-1 step's attention is a few microseconds per layer).
+  const int64_t tasks = batch * kv_heads;
+  const int64_t grain = work < kSerialWork ? tasks : 1;
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> sums(group);
     for (int64_t task = begin; task < end; ++task) {
