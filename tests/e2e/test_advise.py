@@ -18,6 +18,8 @@ def test_advise_sweeps_a_mesh_and_prints_a_verdict(tmp_path):
     try:
         out = advise(mesh, "--rates", "2,4,8", "--step", "3", "--prompt-tokens", "64", "--output-tokens", "8",
                      "--json", str(tmp_path / "steps.json"))
+        # Each rate sends prompts of its own (seed + step): none is answered from a prefix cache
+        assert sum(w.prefix_cache_hit_tokens for w in mesh.workers()) == 0
         # Every request over the output cap (511): advise says why each step's requests failed
         refused = advise(mesh, "--rates", "2", "--step", "2", "--prompt-tokens", "64", "--output-tokens", "600")
     finally:

@@ -39,9 +39,11 @@ COLUMNS = (  # (header, value of a step, format)
 )
 
 
-async def measure(config: AdviseConfig, probe: ClusterProbe, rate: float, first: bool) -> SweepStep:
+async def measure(config: AdviseConfig, probe: ClusterProbe, rate: float, index: int) -> SweepStep:
+    """Step `index` of the sweep: its own seed (seed + index), so no step's prompts repeat an earlier
+    step's, which the workers' prefix caches would otherwise answer from memory."""
     load = replace(config.bench, rate=rate, num_requests=config.requests_at(rate), progress=False,
-                   warmup=config.bench.warmup if first else 0)
+                   warmup=config.bench.warmup if index == 0 else 0, seed=config.bench.seed + index)
     done = asyncio.Event()
     watching = asyncio.create_task(probe.watch(done))
     try:
@@ -70,7 +72,7 @@ async def sweep(config: AdviseConfig, client: PdmeshClient) -> list[SweepStep]:
     probe = ClusterProbe(client, config.poll_s)
     steps: list[SweepStep] = []
     for rate in config.rate_list():
-        steps.append(await measure(config, probe, rate, not steps))
+        steps.append(await measure(config, probe, rate, len(steps)))
         print("\n".join([table(steps[-1:], header=not steps[1:]), *failure_lines(steps[-1])]), flush=True)
         if decide(steps, config.ttft_rise, config.flat_gain, config.busy_limit).knee is not None:
             break
@@ -94,7 +96,7 @@ def run_advise(config: AdviseConfig) -> int:
     load = config.bench
     print(f"pdmesh advise: {address}, {load.lengths} lengths (prompt {load.prompt_tokens}, output "
           f"{load.output_tokens}), Poisson arrivals at {config.rates} req/s, {config.step_s:g} s each, "
-          f"seed {load.seed}; stops at the knee", flush=True)
+          f"seeds {load.seed}, {load.seed + 1}, ... (one per rate); stops at the knee", flush=True)
     with PdmeshClient(address, api_key=config.bench.api_key or None,
                       cluster_secret=os.environ.get(SECRET_ENV, "")) as client:
         steps = asyncio.run(sweep(config, client))
