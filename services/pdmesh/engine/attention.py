@@ -5,8 +5,9 @@ to the KV of its cached prefix when the prefix cache held one), then one token p
 sequence (each attends to its whole context in its blocks).
 A step's batch is built on the host (a tensor-parallel rank 0 broadcasts it as is), moved to the
 model's device once, and reused by every layer. Decode attention either gathers each context into
-a padded tensor for SDPA (the default, and the token-exact reference), or reads the blocks where
-they lie (`flex_decode.FlexDecode`, which the model sets as `decode_attention` for the step).
+a padded tensor for SDPA (the reference the others are tested against), or reads the blocks where
+they lie: `paged_decode` on CPU (the default there in float32) and `flex_decode.FlexDecode` on
+CUDA, which the model sets as `decode_attention` for the step.
 """
 
 from __future__ import annotations
