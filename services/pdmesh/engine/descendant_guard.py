@@ -3,7 +3,8 @@ included. vLLM spawns its EngineCore (and that its model worker) as children tha
 their parent: a vLLM worker killed with -9, or stopped while vLLM was still starting, would leave
 ~2.5 GB of orphans running. The guard notes the descendants every half second while its stdin
 stays open; at EOF (the parent died, or closed it on purpose) it kills the last ones it saw,
-each checked by its start time so a recycled pid is never hit.
+each checked by its start time so a recycled pid is never hit. A look taken while the parent was
+dying is dropped: its children are already re-parented then, so it would find none of them.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def descendants(root):
                 todo.append(child)
     return found
 
-parent, seen = int(sys.argv[1]), {}
-while not select.select([sys.stdin], [], [], 0.5)[0]:
-    seen = descendants(parent)
+parent, interval, seen = int(sys.argv[1]), float(sys.argv[2]), {}
+while not select.select([sys.stdin], [], [], interval)[0] and os.getppid() == parent:
+    found = descendants(parent)
+    if os.getppid() == parent:  # the parent lived through the whole look
+        seen = found
 for pid, start in seen.items():
     try:
         if stat(pid)[1] == start:
@@ -49,8 +52,9 @@ for pid, start in seen.items():
 
 
 class DescendantGuard:
-    def __init__(self):
-        self._process = subprocess.Popen([sys.executable, "-c", _GUARD, str(os.getpid())], stdin=subprocess.PIPE)
+    def __init__(self, interval_s: float = 0.5):
+        self._process = subprocess.Popen([sys.executable, "-c", _GUARD, str(os.getpid()), str(interval_s)],
+                                         stdin=subprocess.PIPE)
 
     def release(self) -> None:
         """Kill what is left below this process now, and end the guard."""
