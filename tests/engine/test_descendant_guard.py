@@ -26,15 +26,15 @@ children = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in 
 children.append(subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600 & wait"], start_new_session=True))
 time.sleep(1.0)  # the guard has looked at the whole tree by now
 print("ready", flush=True)
-if sys.argv[1] == "release":
+if sys.stdin.readline().strip() == "release":
     guard.release()
     print("released", flush=True)
 time.sleep(600)
 """
 
 
-def _start_parent(mode: str) -> tuple[subprocess.Popen, set[int]]:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True)
+def _start_parent() -> tuple[subprocess.Popen, set[int]]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert parent.stdout.readline().strip() == "ready"
     tree = descendants(parent.pid)
     assert len(tree) >= 7, tree  # the guard, 3 sleeps, sh and its 2 sleeps
@@ -51,7 +51,7 @@ def _wait_gone(pids: set[int], timeout_s: float = 10.0) -> None:
 
 @pytest.mark.parametrize("attempt", range(5))
 def test_children_die_when_the_parent_is_killed_with_sigkill(attempt):
-    parent, tree = _start_parent("kill")
+    parent, tree = _start_parent()
     time.sleep(0.01 * attempt)  # the kill lands at a different point of the guard's look each time
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
@@ -59,8 +59,10 @@ def test_children_die_when_the_parent_is_killed_with_sigkill(attempt):
 
 
 def test_release_kills_what_is_left_and_ends_the_guard():
-    parent, tree = _start_parent("release")
+    parent, tree = _start_parent()
     try:
+        parent.stdin.write("release\n")
+        parent.stdin.flush()
         assert parent.stdout.readline().strip() == "released"
         _wait_gone(tree - {parent.pid})
     finally:
