@@ -8,6 +8,10 @@ For each batch size it prints the wall time of a step, the CPU time inside torch
 (linear layers with the LM head, attention, gathers and cache writes, norms, RoPE, element-wise,
 sampling) and what is left: Python and dispatch between ops. Self times of the ops are summed, so
 the kinds add up to the ops' total. --top N also lists the N costliest ops by name.
+
+The "memory floor" row is the time a step would take if it did nothing but read, once, every weight
+and the KV of its batch at this machine's memory bandwidth (measured here as a float32 sum over
+256 MB with the same threads): the bound a decode step cannot beat in float32.
 """
 
 from __future__ import annotations
@@ -47,14 +51,34 @@ def kind_of(name: str) -> str:
 
 
 def build_engine(attention_backend: str = "auto"):
+    """The engine, and the bytes of its weights (each tensor once: a tied LM head is the embedding)."""
     from pdmesh.engine.checkpoint import load_checkpoint
     from pdmesh.engine.engine_config import EngineConfig
     from pdmesh.engine.llm_engine import LLMEngine
     ck = load_checkpoint(None, log=log)
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in ck.weights.values()}.values())
     engine = LLMEngine(ck.config, ck.weights, EngineConfig(kv_cache_gib=1.0, max_num_seqs=256,
                                                            attention_backend=attention_backend))
     log(f"decode attention: {engine.model.decode_backend}")
-    return engine
+    return engine, weight_bytes
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a float32 sum over 256 MB with this process's torch threads, best of 5."""
+    x = torch.ones(64 * 2**20)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def kv_bytes_per_token(engine) -> int:
+    from pdmesh.engine.kv_cache import torch_dtype
+    layout = engine.cache.layout
+    return layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim * torch_dtype(layout.dtype).itemsize
 
 
 def start_batch(engine, batch: int, context: int, tag: str, steps: int) -> None:
@@ -80,6 +104,8 @@ def profile_batch(engine, batch: int, steps: int, context: int) -> dict:
     for _ in range(steps):
         engine.step()
     plain_s = (time.perf_counter() - wall) / steps
+    # Each sequence's mean context over the timed steps: its prompt, the prefill's token, 3 warm-up.
+    kv_read = batch * (context + 4 + steps / 2) * kv_bytes_per_token(engine)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for _ in range(steps):
             engine.step()
@@ -92,10 +118,10 @@ def profile_batch(engine, batch: int, steps: int, context: int) -> dict:
             continue
         by_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e6 / steps
         by_name[event.key] += event.self_cpu_time_total / 1e6 / steps
-    return {"step_s": plain_s, "kinds": by_kind, "names": by_name}
+    return {"step_s": plain_s, "kinds": by_kind, "names": by_name, "kv_read": kv_read}
 
 
-def print_table(results: dict[int, dict], top: int) -> None:
+def print_table(results: dict[int, dict], top: int, weight_bytes: int, bandwidth: float) -> None:
     batches = sorted(results)
     kinds = [k for k, _ in KINDS] + ["other ops"]
     print("| ms per decode step | " + " | ".join(f"batch {b}" for b in batches) + " |")
@@ -104,6 +130,8 @@ def print_table(results: dict[int, dict], top: int) -> None:
     rows += [(f"  {k}", [results[b]["kinds"][k] for b in batches]) for k in kinds]
     rows.append(("  Python and dispatch (wall - ops)",
                  [results[b]["step_s"] - sum(results[b]["kinds"].values()) for b in batches]))
+    rows.append(("memory floor (weights + KV / bandwidth)",
+                 [(weight_bytes + results[b]["kv_read"]) / bandwidth for b in batches]))
     for label, values in rows:
         print(f"| {label} | " + " | ".join(f"{v * 1e3:.2f}" for v in values) + " |")
     print("| tokens/s | " + " | ".join(f"{b / results[b]['step_s']:.0f}" for b in batches) + " |")
@@ -122,12 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default="auto", help="the engine's --attention-backend (default auto)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    engine = build_engine(args.attention_backend)
+    engine, weight_bytes = build_engine(args.attention_backend)
+    bandwidth = memory_bandwidth()
     results = {b: profile_batch(engine, b, args.steps, args.context)
                for b in (int(x) for x in args.batches.split(","))}
-    print_table(results, args.top)
+    print_table(results, args.top, weight_bytes, bandwidth)
     print(f"({torch.get_num_threads()} torch threads, context {args.context} tokens, {args.steps} steps each; "
-          "op times are the profiled run's, the wall time the unprofiled one's)")
+          "op times are the profiled run's, the wall time the unprofiled one's; memory floor: weights "
+          f"{weight_bytes / 1e6:.0f} MB and the batch's KV, read once per step at {bandwidth / 1e9:.1f} GB/s)")
     return 0
 
 
