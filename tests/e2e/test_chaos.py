@@ -91,17 +91,21 @@ def test_rolling_restart_under_load_loses_nothing(cluster, expected):
     load = Load(cluster, count=None).start()  # sends until finish(), however long the restarts take
     names = {"prefill-a", "prefill-b", "decode-a", "decode-b"}
     restart_s = []
-    for role, name in (("prefill", "prefill-a"), ("decode", "decode-a"), ("prefill", "prefill-b"),
-                       ("decode", "decode-b")):
-        # The drain has work to finish: a prefill worker has served, a decode worker is streaming.
-        cluster.wait_until(lambda: busy(worker(cluster, name)), 30, f"{name} busy")
-        drained_at = time.monotonic()
-        cluster.kill(name, signal.SIGTERM)  # drain: finish what runs, take nothing new, exit
-        assert cluster.procs[name].wait(60) == 0
-        cluster.start_worker(role, name, *WORKER_FLAGS)
-        cluster.wait_healthy({name})
-        restart_s.append(time.monotonic() - drained_at)
-    cluster.wait_until(lambda: all(busy(worker(cluster, n)) for n in names), 30, "every new process busy")
+    try:
+        for role, name in (("prefill", "prefill-a"), ("decode", "decode-a"), ("prefill", "prefill-b"),
+                           ("decode", "decode-b")):
+            # The drain has work to finish: a prefill worker has served, a decode worker is streaming.
+            cluster.wait_until(lambda: busy(worker(cluster, name)), 30, f"{name} busy")
+            drained_at = time.monotonic()
+            cluster.kill(name, signal.SIGTERM)  # drain: finish what runs, take nothing new, exit
+            assert cluster.procs[name].wait(60) == 0
+            cluster.start_worker(role, name, *WORKER_FLAGS)
+            cluster.wait_healthy({name})
+            restart_s.append(time.monotonic() - drained_at)
+        cluster.wait_until(lambda: all(busy(worker(cluster, n)) for n in names), 30, "every new process busy")
+    except BaseException:
+        load.stop()
+        raise
     row = load.finish(expected)
     assert scheduler_metric(cluster, 'pdmesh_worker_state_changes_total{state="down"}') >= 4  # each drained one left
     cluster.wait_blocks_free()

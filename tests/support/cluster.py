@@ -189,6 +189,13 @@ class Load:
                     self.not_serving.append(status)
                 time.sleep(0.1)
 
+    def stop(self) -> None:
+        """Stop sending and watching, without waiting or checking: a failed test must not leave an
+        endless load running (it went on sending into the torn-down cluster and filled the memory)."""
+        self._stop_sending.set()
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def wait(self) -> dict[int, list[int] | grpc.RpcError]:
         """Every request's outcome, once all are done (an endless load stops sending first); no checks."""
         if self.count is None:
