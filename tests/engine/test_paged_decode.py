@@ -11,7 +11,8 @@ from pdmesh.engine.engine_config import EngineConfig
 from pdmesh.engine.flex_decode import decode_backend_for
 from pdmesh.engine.kv_cache import KVCache, KVLayout
 from pdmesh.engine.llm_engine import LLMEngine
-from pdmesh.engine.paged_decode import failure, paged_attend, paged_available
+from pdmesh.engine.cpu_kernels import failure
+from pdmesh.engine.paged_decode import paged_attend, paged_available
 from pdmesh.engine.sampling_params import SamplingParams
 from pdmesh.engine.sequence import EngineRequest
 from pdmesh.errors import InvalidRequestError

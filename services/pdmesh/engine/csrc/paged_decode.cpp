@@ -9,7 +9,9 @@
 // Head sizes that are a multiple of 8 with up to 8 query heads per KV head take the vector path:
 // 8-float vectors (GCC vector extensions: AVX2 with -march=native, SSE pairs otherwise), one
 // accumulator per query head, and a vector exp. Other shapes take the plain loops.
-#include <torch/extension.h>
+#include "cpu_kernels.h"
+#include "vec8.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,25 +20,10 @@
 #include <limits>
 #include <vector>
 
+namespace pdmesh {
 namespace {
 
 constexpr int64_t kSerialWork = 8192;
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));  // an unaligned load or store
-typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
-inline void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
-inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
-
-inline float hsum(v8 v) {
-  v4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  a += __builtin_shufflevector(a, a, 2, 3, 0, 1);
-  a += __builtin_shufflevector(a, a, 1, 0, 3, 2);
-  return a[0];
-}
 
 // e^x for x <= 0 (scores minus their maximum), within 2 ulp of expf: x = n ln2 + r, |r| <= ln2/2,
 // e^r by Cephes' degree-6 polynomial, 2^n from the exponent bits. Below -87 it returns ~1e-38.
@@ -195,6 +182,8 @@ Attend pick(int64_t group, int64_t dim) {
 
 // q: [B, H, D]; kv: [2, S, KVH, D] (one layer: keys, values); tables: [B, W] block ids (int64);
 // lens: [B] context lengths (int64). Returns [B, H * D].
+}  // namespace
+
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
                            const torch::Tensor& lens, int64_t block_size, double scale) {
   TORCH_CHECK(q.device().is_cpu() && kv.device().is_cpu(), "paged_decode runs on CPU tensors");
@@ -237,8 +226,4 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& kv, cons
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over paged KV blocks (CPU, float32)");
-}
+}  // namespace pdmesh
