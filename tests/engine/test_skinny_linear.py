@@ -20,7 +20,7 @@ def kernels():
 
 # K 576 and 1536 as in SmolLM2; 12 and 577 leave a tail after the 8-float vectors; N of 1, 5 and
 # 7 rows leave tails after the blocks of 4 and 2 weight rows.
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 13, 16])
 @pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (5, 12), (7, 577), (1, 8), (3000, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_equals_float64_matmul(kernels, rows, n, k, with_bias):
@@ -38,13 +38,22 @@ def test_no_rows_give_an_empty_result(kernels):
     assert kernels.skinny_linear(torch.randn(0, 16), torch.randn(3, 16), None).shape == (0, 3)
 
 
+@pytest.mark.parametrize("k", [576, 61])
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch(kernels, k):
+    gen = torch.Generator().manual_seed(k)
+    x, w, bias = torch.randn(16, k, generator=gen), torch.randn(70, k, generator=gen), torch.randn(70, generator=gen)
+    whole = kernels.skinny_linear(x, w, bias)
+    for lo, hi in [(0, 1), (3, 5), (5, 12), (2, 16), (15, 16)]:
+        assert torch.equal(kernels.skinny_linear(x[lo:hi], w, bias), whole[lo:hi]), (lo, hi)
+
+
 def test_a_view_of_x_is_read_as_its_values(kernels):
     x, w = torch.randn(6, 64)[::3], torch.randn(16, 64)  # rows 0 and 3: not contiguous
     torch.testing.assert_close(kernels.skinny_linear(x, w, None), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("x, w, message", [
-    (torch.randn(5, 8), torch.randn(4, 8), "at most 4 rows of x, got 5"),
+    (torch.randn(257, 8), torch.randn(4, 8), "at most 256 rows of x, got 257"),
     (torch.randn(1, 8), torch.randn(4, 9), "x must be [B, K] and weight [N, K]"),
     (torch.randn(1, 8, dtype=torch.float64), torch.randn(4, 8), "float32"),
     (torch.randn(1, 8), torch.randn(8, 4).T, "the weight must be contiguous"),

@@ -2,8 +2,8 @@
 
 - `paged_decode` (csrc/paged_decode.cpp): decode attention over the paged KV pool, reading each
   sequence's blocks in place (`paged_decode.py`).
-- `skinny_linear` (csrc/skinny_linear.cpp): the linears of a decode batch of 1-4 rows, streaming
-  each weight once (`linear.py`).
+- `skinny_linear` (csrc/skinny_linear.cpp): the linears of a small decode batch, streaming each
+  weight once, with the same sum for a row whatever the batch (`linear.py`).
 
 They are compiled with g++ and ninja on first use (about a minute) and cached under
 ~/.cache/pdmesh/torch_extensions (PDMESH_EXTENSIONS_DIR overrides), in a folder per torch version

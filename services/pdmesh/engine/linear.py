@@ -1,6 +1,6 @@
 """A frozen linear layer on the fastest CPU kernel for its batch.
 
-Decode batches of 1 or 2 rows (`SKINNY_MAX_ROWS`) in float32 run pdmesh's own kernel
+Decode batches of up to 8 rows (`SKINNY_MAX_ROWS`) in float32 run pdmesh's own kernel
 (`cpu_kernels`, csrc/skinny_linear.cpp): a matrix-vector product that streams each weight row once
 and runs near this machine's memory bandwidth, where oneDNN reached about 10 GB/s (the linears of a
 batch-1 SmolLM2 step: `tools/profile_step.py`). Larger batches run oneDNN: with weights reordered
@@ -19,9 +19,10 @@ from pdmesh.engine import cpu_kernels
 
 # The reorder is tuned for a batch size; 16 served 1..200 rows well in our measurements.
 _PACK_BATCH_HINT = 16
-# Up to this many rows of x take the skinny kernel (it takes up to 4). A whole SmolLM2 engine, run
-# both ways in one process: 1.39x the tokens/s of oneDNN at 1 sequence, 1.09x at 2, 0.97x at 4.
-SKINNY_MAX_ROWS = 2
+# Up to this many rows of x take the skinny kernel. A whole SmolLM2 engine, run both ways in one
+# process (an ad-hoc A/B, best of 3 each): 1.25x the tokens/s of oneDNN at 1 sequence, 1.09x at 8;
+# 0.86x at 16 in an earlier build of the kernel.
+SKINNY_MAX_ROWS = 8
 
 
 def _mkldnn_available() -> bool:

@@ -1,10 +1,14 @@
 // y = x @ weight.T (+ bias) for a few rows of x: the linears of a small decode batch on CPU.
 //
-// With one to four rows of x a linear is a matrix-vector product bound by reading the weight
-// once. Each task streams a run of whole weight rows in order; R of them at a time share every
-// load of x, and each weight vector is used for every row of x, with one 8-float accumulator per
-// (weight row, x row). Accumulation is in float; the order differs from oneDNN's GEMM, as oneDNN's
-// differs from a plain matmul. float32 only.
+// With a few rows of x a linear is bound by reading the weight once. Each task streams a run of
+// whole weight rows in order; several weight rows at a time share every load of x, and every
+// weight vector serves several rows of x, with one 8-float accumulator per (weight row, x row).
+// Each output is the same float sum in the same order (8 lanes along K, added up, then the tail)
+// whatever the blocking and the batch, so a sequence gets bit-identical linears alone or batched.
+// The order differs from oneDNN's GEMM, as oneDNN's differs from a plain matmul. float32 only.
+// No contraction here: a fused multiply-add is fma8's, explicitly, so every block rounds alike.
+#pragma GCC optimize("fp-contract=off")
+
 #include "cpu_kernels.h"
 #include "vec8.h"
 
@@ -15,7 +19,9 @@
 namespace pdmesh {
 namespace {
 
-constexpr int64_t kMaxRows = 4;
+constexpr int64_t kMaxRows = 256;
+// Weight rows a run of x rows meets before the next run: 16 rows of 576 floats are 36 KB (L1/L2).
+constexpr int64_t kNBlock = 16;
 // Below this many weight bytes a task would cost more to wake a pooled thread for than it saves.
 constexpr int64_t kTaskBytes = 64 * 1024;
 
@@ -27,38 +33,60 @@ struct Operands {
   int64_t k, n;
 };
 
-// Weight rows [n, n + R) against all B rows of x.
+// Weight rows [n, n + R) against rows [b0, b0 + B) of x. Every output is the same sum in the same
+// order whatever R, B and the batch are: 8 lanes accumulated along K, then added up, then the tail.
 template <int R, int B>
-inline void rows(const Operands& o, int64_t n) {
+inline void block(const Operands& o, int64_t n, int64_t b0) {
   v8 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = splat(0.0f);
   const float* w = o.w + n * o.k;
+  const float* x = o.x + b0 * o.k;
   const int64_t k8 = o.k / 8 * 8;
   for (int64_t c = 0; c < k8; c += 8) {
     v8 xv[B];
-    for (int b = 0; b < B; ++b) xv[b] = load8(o.x + b * o.k + c);
+    for (int b = 0; b < B; ++b) xv[b] = load8(x + b * o.k + c);
     for (int r = 0; r < R; ++r) {
       const v8 wv = load8(w + r * o.k + c);
-      for (int b = 0; b < B; ++b) acc[r][b] += wv * xv[b];
+      for (int b = 0; b < B; ++b) acc[r][b] = fma8(wv, xv[b], acc[r][b]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int b = 0; b < B; ++b) {
       float sum = hsum(acc[r][b]);
-      for (int64_t c = k8; c < o.k; ++c) sum += w[r * o.k + c] * o.x[b * o.k + c];
-      o.y[b * o.n + n + r] = o.bias ? sum + o.bias[n + r] : sum;
+      for (int64_t c = k8; c < o.k; ++c) sum += w[r * o.k + c] * x[b * o.k + c];
+      o.y[(b0 + b) * o.n + n + r] = o.bias ? sum + o.bias[n + r] : sum;
     }
   }
 }
 
-// Four weight rows at a time while the accumulators fit the 16 vector registers, two beyond.
-template <int B>
-void row_range(const Operands& o, int64_t begin, int64_t end) {
-  constexpr int R = B <= 2 ? 4 : 2;
+// Rows [b0, b0 + B) of x against weight rows [begin, end): R weight rows at a time, then one.
+template <int R, int B>
+void weight_rows(const Operands& o, int64_t b0, int64_t begin, int64_t end) {
   int64_t n = begin;
-  for (; n + R <= end; n += R) rows<R, B>(o, n);
-  for (; n < end; ++n) rows<1, B>(o, n);
+  for (; n + R <= end; n += R) block<R, B>(o, n, b0);
+  for (; n < end; ++n) block<1, B>(o, n, b0);
+}
+
+// All rows of x against weight rows [begin, end). One or two rows of x: four weight rows at a time.
+// More: runs of kChunk rows of x against two weight rows, which stay in cache across the runs.
+constexpr int kChunk = 6;
+void row_range(const Operands& o, int64_t batch, int64_t begin, int64_t end) {
+  if (batch == 1) return weight_rows<4, 1>(o, 0, begin, end);
+  if (batch == 2) return weight_rows<4, 2>(o, 0, begin, end);
+  for (int64_t n = begin; n < end; n += kNBlock) {
+    const int64_t n1 = std::min(end, n + kNBlock);
+    int64_t b0 = 0;
+    for (; b0 + kChunk <= batch; b0 += kChunk) weight_rows<2, kChunk>(o, b0, n, n1);
+    switch (batch - b0) {
+      case 5: weight_rows<2, 5>(o, b0, n, n1); break;
+      case 4: weight_rows<2, 4>(o, b0, n, n1); break;
+      case 3: weight_rows<2, 3>(o, b0, n, n1); break;
+      case 2: weight_rows<2, 2>(o, b0, n, n1); break;
+      case 1: weight_rows<2, 1>(o, b0, n, n1); break;
+      default: break;
+    }
+  }
 }
 
 }  // namespace
@@ -85,12 +113,7 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
                    y.data_ptr<float>(), k, n};
   const int64_t grain = std::max<int64_t>(1, kTaskBytes / (4 * std::max<int64_t>(k, 1)));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    switch (batch) {
-      case 1: row_range<1>(o, begin, end); break;
-      case 2: row_range<2>(o, begin, end); break;
-      case 3: row_range<3>(o, begin, end); break;
-      default: row_range<4>(o, begin, end); break;
-    }
+    row_range(o, batch, begin, end);
   });
   return y;
 }
