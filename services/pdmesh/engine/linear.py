@@ -50,7 +50,7 @@ class FrozenLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32:
             if (kernels := cpu_kernels.load()) is not None:
-                with torch.profiler.record_function("pdmesh::skinny_linear"):  # tools/profile_step.py's "linear"
+                with cpu_kernels.profiled("pdmesh::skinny_linear"):  # tools/profile_step.py's "linear"
                     return kernels.skinny_linear(x, self.weight, self.bias)
             self.skinny = False
         if self.packed is not None and x.dim() == 2:

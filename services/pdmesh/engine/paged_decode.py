@@ -27,5 +27,5 @@ def paged_available() -> bool:
 def paged_attend(q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
                  block_size: int) -> torch.Tensor:
     """q: [B, H, D]; kv_layer: [2, slots, KVH, D]; tables: [B, max blocks]; lens: [B]. Returns [B, H*D]."""
-    with torch.profiler.record_function("pdmesh::paged_decode"):  # named in profiles (tools/profile_step.py)
+    with cpu_kernels.profiled("pdmesh::paged_decode"):  # named in profiles (tools/profile_step.py)
         return cpu_kernels.load().paged_decode(q, kv_layer, tables, lens, block_size, 1.0 / math.sqrt(q.shape[-1]))
